@@ -1,0 +1,103 @@
+"""API keys: issued once, stored as SHA-256 digests, looked up by digest."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.ids import new_id
+from app.models import ApiKey, Scope, Tenant
+from app.models.base import utcnow
+
+KEY_PREFIX = "pk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key, its tenant and its scope."""
+
+    key_id: str
+    tenant_id: str
+    scope: Scope
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope is Scope.admin
+
+
+def hash_key(secret: str) -> str:
+    # Keys are 256-bit random values, so a fast digest is enough: there is nothing to brute-force.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def generate_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def ensure_tenant(session: Session, *, tenant_id: str) -> None:
+    session.execute(insert(Tenant).values(id=tenant_id).on_conflict_do_nothing())
+
+
+def create_key(
+    session: Session, *, tenant_id: str, scope: Scope, name: str = "", secret: str | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the secret, which is never retrievable again."""
+    ensure_tenant(session, tenant_id=tenant_id)
+    secret = secret or generate_secret()
+    key = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant_id,
+        scope=scope.value,
+        name=name,
+        key_hash=hash_key(secret),
+        key_prefix=secret[:12],
+    )
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def authenticate(session: Session, *, secret: str) -> Principal | None:
+    row = session.execute(
+        select(ApiKey.id, ApiKey.tenant_id, ApiKey.scope).where(
+            ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)
+        )
+    ).first()
+    if row is None:
+        return None
+    return Principal(key_id=row.id, tenant_id=row.tenant_id, scope=Scope(row.scope))
+
+
+def revoke_key(session: Session, *, key_id: str) -> bool:
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+BOOTSTRAP_TENANT = "operator"
+
+
+def ensure_bootstrap_admin(session: Session, *, secret: str) -> None:
+    """Make `PARLEY_ADMIN_KEY` a valid admin key (idempotent, safe from several processes)."""
+    ensure_tenant(session, tenant_id=BOOTSTRAP_TENANT)
+    session.execute(
+        insert(ApiKey)
+        .values(
+            id=new_id("key"),
+            tenant_id=BOOTSTRAP_TENANT,
+            scope=Scope.admin.value,
+            name="PARLEY_ADMIN_KEY",
+            key_hash=hash_key(secret),
+            key_prefix=secret[:12],
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["key_hash"])
+    )

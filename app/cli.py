@@ -1,0 +1,160 @@
+"""The `parley` command: dev, api, worker, migrate, keys, model.
+
+Commands that need the model stack run it in a child process (`python -m worker...`), so
+that this module, shared with the API, never imports torch or the worker (invariant 5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+
+cli = typer.Typer(
+    help="Parley: a queue-backed asynchronous job API for multi-turn chat.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+model_cli = typer.Typer(help="Build local models.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(model_cli, name="model")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
+PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+def alembic_upgrade(database_url: str | None = None) -> None:
+    """Bring the database schema to the newest migration."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    if database_url:
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the database migrations (safe to run again)."""
+    alembic_upgrade()
+    typer.echo("database is at the newest schema")
+
+
+@cli.command()
+def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        proxy_headers=True,
+    )
+
+
+@cli.command()
+def worker(
+    gpus: Annotated[str, typer.Option(help="auto, cpu, or GPU indexes such as 0,1")] = "auto",
+) -> None:
+    """Run the model workers: one process per GPU, or one on the CPU."""
+    # Replaces this process with the launcher; no shell is involved.
+    os.execv(sys.executable, [sys.executable, "-m", "worker.gpus", "--gpus", gpus])  # noqa: S606
+
+
+@cli.command()
+def dev(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Run the API, one worker and what they need, in the foreground (Ctrl-C stops it all)."""
+    from app.devrun import run_dev
+
+    raise typer.Exit(run_dev(host=host, port=port))
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key belongs to.")],
+    admin: Annotated[bool, typer.Option("--admin", help="An admin (operator) key.")] = False,
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create an API key and print it (it is shown only once)."""
+    from pydantic import ValidationError
+
+    from app.auth.schemas import KeyCreate
+    from app.auth.service import create_key
+    from app.db import session_scope
+    from app.models import Scope
+
+    try:
+        request = KeyCreate(tenant=tenant, scope="admin" if admin else "client", name=name)
+    except ValidationError as exc:
+        typer.echo(f"invalid key request: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+    with session_scope() as session:
+        key, secret = create_key(
+            session, tenant_id=request.tenant, scope=Scope(request.scope), name=request.name
+        )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "id": key.id,
+                    "key": secret,
+                    "tenant": key.tenant_id,
+                    "scope": key.scope,
+                    "name": key.name,
+                }
+            )
+        )
+    else:
+        typer.echo(secret)
+
+
+@model_cli.command("init")
+def model_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model.")],
+    size: Annotated[str, typer.Option(help="tiny (tests) or small (GPT-2 small's shape)")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Build a model locally from a fixed seed (no download): a byte-level BPE tokenizer
+    trained on bundled text and random GPT-2 weights."""
+    if size not in ("tiny", "small"):
+        typer.echo("--size is tiny or small", err=True)
+        raise typer.Exit(2)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.inference.model_init",
+            str(directory),
+            "--size",
+            size,
+            "--seed",
+            str(seed),
+        ],
+        check=False,
+    )
+    raise typer.Exit(result.returncode)
+
+
+def main() -> None:
+    get_settings.cache_clear()
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Settings: one object for the API, the worker and the command line."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the usual `postgresql://` spelling and use the psycopg 3 driver for it."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", protected_namespaces=()
+    )
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/parley"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Unset: the broker shares REDIS_URL's server on the next database number, so that
+    # context keys and broker messages never share a keyspace (reliability F12).
+    broker_url: str | None = None
+    model_id: str | None = None
+    parley_admin_key: str | None = None
+
+    context_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    # Recent messages kept in the cached context; the prompt window trims further by tokens.
+    context_max_messages: int = Field(default=200, ge=2)
+    transcript_retention_days: int | None = None
+
+    default_max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
+    generation_time_limit_seconds: float = Field(default=120.0, gt=0)
+    max_turn_attempts: int = Field(default=3, ge=1)
+    max_unfinished_jobs_per_tenant: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_wait_seconds: int = Field(default=60, ge=0)
+    # A running job whose worker has not finished it by then is presumed dead and re-queued.
+    turn_lease_seconds: int = Field(default=600, ge=10)
+    reconcile_interval_seconds: int = Field(default=30, ge=1)
+    worker_heartbeat_seconds: int = Field(default=10, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("parley_admin_key")
+    @classmethod
+    def _strong_admin_key(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 20:
+            raise ValueError("PARLEY_ADMIN_KEY must be at least 20 characters")
+        return value
+
+    @property
+    def celery_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return next_redis_database(self.redis_url)
+
+
+def next_redis_database(url: str) -> str:
+    """`redis://h:p/0` -> `redis://h:p/1`: the broker's own database beside the cache."""
+    base, _, tail = url.rpartition("/")
+    if base.endswith(":/") or not tail.split("?")[0].isdigit():
+        return url.rstrip("/") + "/1"
+    db, sep, query = tail.partition("?")
+    return f"{base}/{int(db) + 1}{sep}{query}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,52 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from sqlalchemy import text
+
+from app.db import get_engine
+from app.errors import problem_response
+from app.redis import get_redis, workers_alive
+
+router = APIRouter(tags=["operations"])
+
+JOBS_SUBMITTED = Counter("parley_jobs_submitted_total", "Chat turns accepted (202).")
+
+
+@router.get("/livez")
+def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _missing() -> list[str]:
+    missing = []
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception:
+        missing.append("database")
+    try:
+        client = get_redis()
+        client.ping()
+        if workers_alive(client) == 0:
+            missing.append("worker")
+    except Exception:
+        missing.append("redis")
+    return missing
+
+
+@router.get("/readyz", response_model=None)
+async def readyz() -> Response | dict[str, str]:
+    """Ready when the database and Redis answer and a worker reported in the last 30 s."""
+    missing = await run_in_threadpool(_missing)
+    if missing:
+        return problem_response(503, "Not ready: " + ", ".join(missing) + " unavailable.")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,138 @@
+"""The states of a turn, shared by the API and the worker.
+
+Every transition that decides which job of a conversation may run takes the conversation's
+row lock first, so submissions and job ends of one conversation are serialised and jobs run
+one at a time in acceptance order (invariant 4). A job is sent to the broker only when it is
+its conversation's next one; the job that ends releases the next.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.orm import Session, aliased
+
+from app.models import UNFINISHED, Conversation, Job, JobStatus
+from app.models.base import utcnow
+from app.queue import RUN_TURN, enqueue_after_commit
+
+
+def lock_conversation(session: Session, conversation_id: str) -> Conversation | None:
+    return session.execute(
+        select(Conversation).where(Conversation.id == conversation_id).with_for_update()
+    ).scalar_one_or_none()
+
+
+def has_earlier_unfinished(session: Session, *, conversation_id: str, turn: int) -> bool:
+    return bool(
+        session.execute(
+            select(
+                exists().where(
+                    Job.conversation_id == conversation_id,
+                    Job.turn < turn,
+                    Job.status.in_(UNFINISHED),
+                )
+            )
+        ).scalar_one()
+    )
+
+
+def dispatch(session: Session, job: Job) -> None:
+    """Send `job` to the workers once the transaction commits."""
+    job.enqueued_at = utcnow()
+    enqueue_after_commit(session, RUN_TURN, [job.id])
+
+
+def release_next(session: Session, *, conversation_id: str) -> None:
+    """After a job of the conversation ended: dispatch the next one, if it is queued.
+
+    The caller holds the conversation's row lock."""
+    nxt = session.execute(
+        select(Job)
+        .where(Job.conversation_id == conversation_id, Job.status.in_(UNFINISHED))
+        .order_by(Job.turn)
+        .limit(1)
+    ).scalar_one_or_none()
+    if nxt is not None and nxt.status == JobStatus.queued:
+        dispatch(session, nxt)
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    token: str
+    attempts: int
+
+
+def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
+    """Take the job for this worker: queued (or running under an expired lease, its worker
+    presumed dead) and first among its conversation's unfinished jobs. None: not ours to run
+    (already claimed, ended, cancelled, deleted, or not yet its turn)."""
+    earlier = aliased(Job)
+    now = utcnow()
+    token = secrets.token_hex(16)
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.cancel_requested.is_(False),
+            (Job.status == JobStatus.queued)
+            | and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+            ~exists().where(
+                earlier.conversation_id == Job.conversation_id,
+                earlier.turn < Job.turn,
+                earlier.status.in_(UNFINISHED),
+            ),
+        )
+        .values(
+            status=JobStatus.running,
+            claim_token=token,
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+        )
+        .returning(Job.attempts)
+    ).first()
+    return None if row is None else Claim(job_id, token, int(row.attempts))
+
+
+def owned_job(session: Session, claim: Claim) -> Job | None:
+    """The job, locked, if this claim still owns it (not re-claimed, cancelled by deletion...)."""
+    return session.execute(
+        select(Job)
+        .where(
+            Job.id == claim.job_id,
+            Job.status == JobStatus.running,
+            Job.claim_token == claim.token,
+        )
+        .with_for_update()
+    ).scalar_one_or_none()
+
+
+def end_job(
+    session: Session,
+    job: Job,
+    status: JobStatus,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> None:
+    """Move `job` to a terminal state and release its conversation's next job.
+    The caller holds the conversation's row lock."""
+    job.status = status
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    job.error_code = error_code
+    job.error_message = error_message
+    release_next(session, conversation_id=job.conversation_id)
+
+
+def requeue(session: Session, job: Job) -> None:
+    """Give a claimed job back to the queue (a retry after a transient failure)."""
+    job.status = JobStatus.queued
+    job.claim_token = None
+    job.lease_expires_at = None
+    dispatch(session, job)

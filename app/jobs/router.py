@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.db import get_sessionmaker
+from app.deps import CurrentKey, SessionDep, SettingsDep
+from app.health import JOBS_SUBMITTED
+from app.jobs import idempotency, service
+from app.jobs.schemas import JobCreate, JobOut
+from app.jobs.waiter import JobWaiter
+from app.models import TERMINAL
+from app.redis import announce_job_ended, get_redis, request_cancel
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKeyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
+# While waiting, re-read the job this often in case a job-end notice was lost.
+_RECHECK_SECONDS = 2.0
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def submit_job(
+    body: JobCreate,
+    response: Response,
+    principal: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobOut:
+    """Accept a chat turn. A 202 means the message and its job are durably stored."""
+    tenant = principal.tenant_id
+    if idempotency_key is not None:
+        fingerprint = idempotency.request_fingerprint(body)
+        earlier = idempotency.begin(
+            session, tenant_id=tenant, key=idempotency_key, fingerprint=fingerprint
+        )
+        if earlier is not None:
+            job = service.get_job(session, tenant_id=tenant, job_id=earlier)
+            response.headers["Location"] = f"/v1/jobs/{job.id}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return service.to_job_out(session, job)
+    try:
+        job = service.submit_turn(session, tenant_id=tenant, request=body, settings=settings)
+        if idempotency_key is not None:
+            idempotency.complete(session, tenant_id=tenant, key=idempotency_key, job_id=job.id)
+        session.commit()
+        JOBS_SUBMITTED.inc()
+    except BaseException:
+        session.rollback()
+        if idempotency_key is not None:
+            idempotency.release(session, tenant_id=tenant, key=idempotency_key)
+        raise
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return service.to_job_out(session, job)
+
+
+def _read_job(tenant_id: str, job_id: str) -> JobOut:
+    with get_sessionmaker()() as session:
+        return service.to_job_out(
+            session, service.get_job(session, tenant_id=tenant_id, job_id=job_id)
+        )
+
+
+def _requested_wait(prefer: str | None, limit: int) -> int | None:
+    match = _WAIT.search(f" {prefer} ") if prefer else None
+    return None if match is None else min(int(match.group(1)), limit)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def read_job(
+    job_id: str,
+    request: Request,
+    response: Response,
+    principal: CurrentKey,
+    settings: SettingsDep,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JobOut:
+    """The job's state. `Prefer: wait=N` holds the answer until the job ends or N seconds pass."""
+    wait = _requested_wait(prefer, settings.max_wait_seconds)
+    if not wait:
+        return await run_in_threadpool(_read_job, principal.tenant_id, job_id)
+    response.headers["Preference-Applied"] = f"wait={wait}"
+    waiter: JobWaiter = request.app.state.job_waiter
+    deadline = time.monotonic() + wait
+    event = waiter.subscribe(job_id)
+    try:
+        while True:
+            job = await run_in_threadpool(_read_job, principal.tenant_id, job_id)
+            remaining = deadline - time.monotonic()
+            if job.status in TERMINAL or remaining <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining, _RECHECK_SECONDS))
+            event.clear()
+    finally:
+        waiter.unsubscribe(job_id, event)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, principal: CurrentKey, session: SessionDep) -> JobOut:
+    """Cancel a queued job at once; a running one stops at its next generated token."""
+    job = service.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    running = service.cancel_job(session, job=job)
+    session.commit()
+    client = get_redis()
+    if running:
+        request_cancel(client, job.id)
+    else:
+        announce_job_ended(client, job.id)
+    return service.to_job_out(session, job)

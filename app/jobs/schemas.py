@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from app.schemas import MessageText, MetadataKey, MetadataValue, StorableText
+
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
+class GenerationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: MessageText
+    conversation_id: str | None = None
+    system_prompt: Annotated[StorableText, StringConstraints(max_length=32_000)] | None = None
+    webhook_url: (
+        Annotated[StorableText, StringConstraints(min_length=1, max_length=2048)] | None
+    ) = None
+    generation: GenerationIn | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class WebhookState(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+
+
+class JobOut(BaseModel):
+    id: str
+    conversation_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    message: ChatMessageOut
+    reply: ChatMessageOut | None = None
+    error: JobError | None = None
+    context_messages: int | None = None
+    usage: Usage | None = None
+    queue_position: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    webhook: WebhookState | None = None
+    metadata: dict[str, str]

@@ -1,0 +1,57 @@
+"""create_app(): routers, middleware, error handlers and the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from app.auth.router import router as keys_router
+from app.auth.service import ensure_bootstrap_admin
+from app.config import get_settings
+from app.conversations.router import router as conversations_router
+from app.db import session_scope
+from app.errors import install_error_handlers
+from app.health import router as health_router
+from app.jobs.router import router as jobs_router
+from app.jobs.waiter import JobWaiter
+from app.logs import configure_logging
+from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+
+
+def _bootstrap() -> None:
+    secret = get_settings().parley_admin_key
+    if secret:
+        with session_scope() as session:
+            ensure_bootstrap_admin(session, secret=secret)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    configure_logging()
+    await run_in_threadpool(_bootstrap)
+    waiter = JobWaiter(get_settings().redis_url)
+    app.state.job_waiter = waiter
+    await waiter.start()
+    try:
+        yield
+    finally:
+        await waiter.stop()
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(
+        title="Parley",
+        version="0.1.0",
+        summary="A queue-backed asynchronous job API for multi-turn chat.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for router in (jobs_router, conversations_router, keys_router, health_router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

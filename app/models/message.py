@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from sqlalchemy import CheckConstraint, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base
+from app.models.base import CreatedAt
+
+
+class Message(CreatedAt, Base):
+    """A transcript entry. `seq` is 2*turn-1 for the user's message and 2*turn for the reply,
+    so the transcript reads in turn order whenever each was written, and a turn can never
+    store two replies (the unique key)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
+        CheckConstraint("role IN ('user', 'assistant')", name="role"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+
+
+def user_seq(turn: int) -> int:
+    return 2 * turn - 1
+
+
+def reply_seq(turn: int) -> int:
+    return 2 * turn

@@ -1,0 +1,59 @@
+"""Redis: the recent-context cache, cancel flags, job-end notices and worker heartbeats.
+
+The broker has its own database (see `Settings.celery_broker_url`), so nothing here can
+evict or touch a broker message.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import redis
+
+from app.config import get_settings
+
+JOB_ENDED_CHANNEL = "parley:job-ended"
+WORKERS_KEY = "parley:workers"
+# A worker that has not reported for this long is presumed gone (/readyz).
+WORKER_STALE_SECONDS = 30
+
+
+@lru_cache
+def get_redis() -> redis.Redis:
+    return redis.Redis.from_url(
+        get_settings().redis_url,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def cancel_key(job_id: str) -> str:
+    return f"parley:cancel:{job_id}"
+
+
+def request_cancel(client: redis.Redis, job_id: str) -> None:
+    client.set(cancel_key(job_id), "1", ex=24 * 3600)
+
+
+def cancel_requested(client: redis.Redis, job_id: str) -> bool:
+    return bool(client.exists(cancel_key(job_id)))
+
+
+def announce_job_ended(client: redis.Redis, job_id: str) -> None:
+    """Wake `Prefer: wait` requests holding for this job."""
+    client.publish(JOB_ENDED_CHANNEL, job_id)
+
+
+def report_worker_alive(client: redis.Redis, name: str) -> None:
+    now = time.time()
+    pipe = client.pipeline()
+    pipe.zadd(WORKERS_KEY, {name: now})
+    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - 24 * 3600)
+    pipe.execute()
+
+
+def workers_alive(client: redis.Redis) -> int:
+    return int(client.zcount(WORKERS_KEY, time.time() - WORKER_STALE_SECONDS, "+inf"))

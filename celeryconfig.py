@@ -1,0 +1,44 @@
+"""Celery configuration for Parley's workers and for the API's send-only client.
+
+Read by `worker.celery_app` and `app.queue`; the broker URL comes from Parley's settings.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from app.config import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.celery_broker_url
+# Job state lives in PostgreSQL; Celery's result backend is never read.
+result_backend = None
+task_ignore_result = True
+
+task_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+TURNS_QUEUE = "parley.turns"
+task_queues = (Queue(TURNS_QUEUE),)
+task_default_queue = TURNS_QUEUE
+task_routes = {
+    "parley.run_turn": {"queue": TURNS_QUEUE},
+}
+
+# A turn is acknowledged only once it has ended, so a worker that dies mid-turn leaves it
+# to be redelivered; each process takes one message at a time so that long turns do not
+# hold back queued ones in a prefetch buffer.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# Must exceed the longest turn (time cap plus queueing inside the worker), or the broker
+# hands a running turn to a second worker; that copy would store nothing, but wastes a slot.
+broker_transport_options = {
+    "visibility_timeout": max(3600, int(_settings.generation_time_limit_seconds) * 4),
+}
+broker_connection_retry_on_startup = True
+worker_send_task_events = False
+worker_hijack_root_logger = False

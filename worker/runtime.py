@@ -1,0 +1,55 @@
+"""What a worker process holds for its whole life: the model, the engine, the context store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from app.config import Settings, get_settings
+from app.context.store import ContextStore
+from app.redis import get_redis
+from worker.inference.engine import Engine
+from worker.inference.loader import LoadedModel, load_model
+
+log = logging.getLogger("parley.worker")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: LoadedModel
+    engine: Engine
+    context: ContextStore
+
+
+_runtime: Runtime | None = None
+
+
+def start_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        settings = get_settings()
+        if not settings.model_id:
+            raise RuntimeError("MODEL_ID is not set: a worker needs a model to serve")
+        started = time.perf_counter()
+        model = load_model(settings.model_id)
+        log.info(
+            "model %s loaded on %s in %.1fs (CUDA_VISIBLE_DEVICES=%s)",
+            settings.model_id,
+            model.device,
+            time.perf_counter() - started,
+            os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        )
+        _runtime = Runtime(
+            settings=settings,
+            model=model,
+            engine=Engine(model),
+            context=ContextStore(
+                get_redis(),
+                ttl_seconds=settings.context_ttl_seconds,
+                max_messages=settings.context_max_messages,
+            ),
+        )
+    return _runtime

@@ -1,0 +1,200 @@
+"""`parley.run_turn`: claim a job, build its prompt, generate, store the end.
+
+Safe to run twice: the claim is a conditional update, and only the claimant (its token) can
+store the end, in one transaction with the reply; the reply's unique key (conversation, seq)
+forbids a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from app.context.store import Context, ContextMessage
+from app.db import session_scope
+from app.jobs import lifecycle
+from app.models import Conversation, Job, JobStatus, Message, reply_seq
+from app.models.base import utcnow
+from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
+from worker.celery_app import app
+from worker.inference.engine import GenerationParams, GenerationResult
+from worker.inference.prompt import ChatMessage, PromptTooLong, build_prompt
+from worker.runtime import Runtime, start_runtime
+
+log = logging.getLogger("parley.run_turn")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What generation needs, read in the claim's transaction."""
+
+    claim: lifecycle.Claim
+    conversation_id: str
+    turn: int
+    system_prompt: str | None
+    message: str
+    context: Context
+    params: GenerationParams
+
+
+class TurnFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@app.task(name="parley.run_turn", ignore_result=True)
+def run_turn(job_id: str) -> None:
+    runtime = start_runtime()
+    turn = _claim(runtime, job_id)
+    if turn is None:
+        return
+    log.info("job %s claimed (attempt %d)", job_id, turn.claim.attempts)
+    try:
+        result, context_messages = _generate(runtime, turn)
+    except TurnFailed as failure:
+        _finish_failed(turn, failure.code, failure.message)
+    except Exception as exc:
+        log.exception("job %s: generation failed", job_id)
+        if turn.claim.attempts >= runtime.settings.max_turn_attempts:
+            _finish_failed(turn, "generation_error", f"Generation failed: {type(exc).__name__}")
+        else:
+            _retry(turn)
+    else:
+        _finish(runtime, turn, result, context_messages)
+
+
+def _claim(runtime: Runtime, job_id: str) -> Turn | None:
+    settings = runtime.settings
+    with session_scope() as session:
+        claim = lifecycle.claim(session, job_id=job_id, lease_seconds=settings.turn_lease_seconds)
+        if claim is None:
+            log.info("job %s: not claimable (ended, running elsewhere or not next)", job_id)
+            return None
+        job = session.get_one(Job, job_id)
+        conversation = session.get_one(Conversation, job.conversation_id)
+        message = session.execute(
+            select(Message.content).where(Message.job_id == job_id, Message.role == "user")
+        ).scalar_one()
+        context = runtime.context.load(
+            session, conversation_id=job.conversation_id, before_turn=job.turn
+        )
+        gen = job.generation
+        turn = Turn(
+            claim=claim,
+            conversation_id=job.conversation_id,
+            turn=job.turn,
+            system_prompt=conversation.system_prompt,
+            message=message,
+            context=context,
+            params=GenerationParams(
+                max_new_tokens=int(gen["max_new_tokens"]),
+                temperature=float(gen.get("temperature", 0.0)),
+                top_p=float(gen.get("top_p", 1.0)),
+                seed=gen.get("seed"),
+                time_limit_s=settings.generation_time_limit_seconds,
+            ),
+        )
+    if claim.attempts > settings.max_turn_attempts:
+        _finish_failed(turn, "too_many_attempts", "The turn was attempted too many times.")
+        return None
+    return turn
+
+
+def _generate(runtime: Runtime, turn: Turn) -> tuple[GenerationResult, int]:
+    history = [ChatMessage(m.role, m.content) for m in turn.context.messages]
+    try:
+        prompt = build_prompt(
+            runtime.model.tokenizer,
+            system_prompt=turn.system_prompt,
+            history=history,
+            message=turn.message,
+            max_context_tokens=runtime.model.max_context_tokens,
+            max_new_tokens=turn.params.max_new_tokens,
+        )
+    except PromptTooLong as exc:
+        raise TurnFailed(
+            "context_length_exceeded",
+            "The system prompt and the message alone exceed the model's context window.",
+        ) from exc
+    redis = get_redis()
+    result = runtime.engine.generate(
+        prompt, turn.params, should_cancel=lambda: cancel_requested(redis, turn.claim.job_id)
+    )
+    return result, prompt.context_messages
+
+
+def _finish(runtime: Runtime, turn: Turn, result: GenerationResult, context_messages: int) -> None:
+    job_id = turn.claim.job_id
+    succeeded = False
+    with session_scope() as session:
+        conversation = lifecycle.lock_conversation(session, turn.conversation_id)
+        job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
+        if conversation is None or job is None:
+            log.info("job %s: no longer ours (deleted or re-claimed); storing nothing", job_id)
+            return
+        job.context_messages = context_messages
+        job.prompt_tokens = result.prompt_tokens
+        job.completion_tokens = result.completion_tokens
+        if result.finish_reason == "cancelled" or job.cancel_requested:
+            lifecycle.end_job(session, job, JobStatus.cancelled)
+        else:
+            now = utcnow()
+            session.add(
+                Message(
+                    id=f"msg_{job_id.removeprefix('job_')}r",
+                    conversation_id=turn.conversation_id,
+                    job_id=job_id,
+                    seq=reply_seq(turn.turn),
+                    role="assistant",
+                    content=result.text,
+                    created_at=now,
+                )
+            )
+            conversation.message_count += 1
+            conversation.updated_at = now
+            lifecycle.end_job(session, job, JobStatus.succeeded)
+            succeeded = True
+    if succeeded:
+        added = [ContextMessage("user", turn.message), ContextMessage("assistant", result.text)]
+        runtime.context.extend(turn.conversation_id, turn.context, turn=turn.turn, added=added)
+    _announce(job_id)
+    log.info(
+        "job %s %s: %d prompt + %d completion tokens (%s)",
+        job_id,
+        "succeeded" if succeeded else "cancelled",
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.finish_reason,
+    )
+
+
+def _finish_failed(turn: Turn, code: str, message: str) -> None:
+    with session_scope() as session:
+        conversation = lifecycle.lock_conversation(session, turn.conversation_id)
+        job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
+        if job is None:
+            return
+        lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
+    log.warning("job %s failed: %s", turn.claim.job_id, code)
+    _announce(turn.claim.job_id)
+
+
+def _retry(turn: Turn) -> None:
+    with session_scope() as session:
+        job = lifecycle.owned_job(session, turn.claim)
+        if job is not None:
+            lifecycle.requeue(session, job)
+
+
+def _announce(job_id: str) -> None:
+    try:
+        redis = get_redis()
+        announce_job_ended(redis, job_id)
+        redis.delete(cancel_key(job_id))
+    except Exception:
+        # Waiting clients re-read the job every few seconds anyway.
+        log.warning("job %s: could not announce its end", job_id)
