@@ -5,8 +5,6 @@ Read by `worker.celery_app` and `app.queue`; the broker URL comes from Parley's 
 
 from __future__ import annotations
 
-from kombu import Queue
-
 from app.config import get_settings
 
 _settings = get_settings()
@@ -22,7 +20,6 @@ timezone = "UTC"
 enable_utc = True
 
 TURNS_QUEUE = "parley.turns"
-task_queues = (Queue(TURNS_QUEUE),)
 task_default_queue = TURNS_QUEUE
 task_routes = {
     "parley.run_turn": {"queue": TURNS_QUEUE},

@@ -66,7 +66,7 @@ def run_dev(*, host: str, port: int) -> int:
             from app.devservices import LocalRedis
 
             redis = stack.enter_context(LocalRedis(DATA_DIR / "redis"))
-            os.environ["REDIS_URL"] = redis.start() if False else redis.url
+            os.environ["REDIS_URL"] = redis.url
             _say(f"embedded Redis started on {redis.url}")
         if "model_id" not in given:
             model_dir = DATA_DIR / "models" / "tiny"

@@ -126,11 +126,7 @@ class Supervisor:
             if not self.stopping:
                 for i, ok in enumerate(alive):
                     if not ok:
-                        log.warning(
-                            "worker %d exited (%s); restarting",
-                            i,
-                            self.procs[i].returncode if self.procs[i] else None,
-                        )
+                        log.warning("worker %d exited; restarting it", i)
                         time.sleep(backoff[i])
                         backoff[i] = min(backoff[i] * 2, 30.0)
                         self._start(i)

@@ -18,7 +18,7 @@ def _out(key: ApiKey) -> KeyOut:
     return KeyOut(
         id=key.id,
         tenant=key.tenant_id,
-        scope=key.scope,  # type: ignore[arg-type]
+        scope=key.scope,
         name=key.name,
         prefix=key.key_prefix,
         created_at=key.created_at,

@@ -49,17 +49,19 @@ def load_from_database(
     session: Session, *, conversation_id: str, before_turn: int, max_messages: int
 ) -> Context:
     """User messages and replies of succeeded turns before `before_turn`, oldest first."""
-    rows = session.execute(
-        select(Message.role, Message.content, Job.turn)
-        .join(Job, Job.id == Message.job_id)
-        .where(
-            Message.conversation_id == conversation_id,
-            Job.turn < before_turn,
-            Job.status == JobStatus.succeeded,
-        )
-        .order_by(Message.seq.desc())
-        .limit(max_messages)
-    ).all()
+    rows = list(
+        session.execute(
+            select(Message.role, Message.content, Job.turn)
+            .join(Job, Job.id == Message.job_id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Job.turn < before_turn,
+                Job.status == JobStatus.succeeded,
+            )
+            .order_by(Message.seq.desc())
+            .limit(max_messages)
+        ).all()
+    )
     rows.reverse()
     upto = rows[-1].turn if rows else 0
     return Context(upto, [ContextMessage(r.role, r.content) for r in rows])

@@ -75,7 +75,7 @@ def list_messages(
         MessageOut(
             id=m.id,
             seq=m.seq,
-            role=m.role,  # type: ignore[arg-type]
+            role=m.role,
             content=m.content,
             job_id=m.job_id,
             created_at=m.created_at,

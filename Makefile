@@ -1,0 +1,34 @@
+# Parley: `make dev` runs the service, `make test` runs the checks and the tests.
+# Each creates .venv and installs what it needs on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: dev test lint unit bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Parley needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned (2.13.0): with a local CPU wheel of it, no CUDA packages are pulled.
+	$(BIN)/python -m pip install --quiet -e '.[worker,local,test]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/parley dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict app worker celeryconfig.py
+
+test: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+clean:
+	rm -rf $(VENV) .parley/test .mypy_cache .ruff_cache

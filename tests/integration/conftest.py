@@ -1,0 +1,141 @@
+"""Fixtures for tests against the real services: a migrated database, clean Redis
+databases, two Celery worker processes running the tiny model, and an API client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from app.config import get_settings, next_redis_database
+from app.redis import WORKERS_KEY, workers_alive
+from tests.integration.helpers import Api
+
+TABLES = "tenants, api_keys, conversations, jobs, messages, idempotency_keys"
+
+
+def _reset_schema(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    from app.cli import alembic_upgrade
+
+    url = get_settings().database_url
+    _reset_schema(url)
+    alembic_upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client.flushdb()
+    redis.Redis.from_url(next_redis_database(settings.redis_url)).flushdb()
+    return client
+
+
+def start_worker(name: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "1",
+            "--queues",
+            "parley.turns",
+            "--hostname",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+        ],
+        env=env,
+    )
+
+
+def wait_for_workers(client: redis.Redis, count: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while workers_alive(client) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers did not report within {timeout}s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def workers(
+    database_url: str, redis_client: redis.Redis
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Two real worker processes, as in a two-GPU deployment (reliability F11)."""
+    redis_client.delete(WORKERS_KEY)
+    procs = [start_worker("test-a"), start_worker("test-b")]
+    try:
+        wait_for_workers(redis_client, 2)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app_client(database_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
+    from app.main import create_app
+
+    with TestClient(create_app()) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest) -> None:
+    """Each test starts with empty tables and no cached context."""
+    if "database_url" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("database_url")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {TABLES} CASCADE"))
+    engine.dispose()
+    client = request.getfixturevalue("redis_client")
+    for key in client.scan_iter("parley:context:*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def api(app_client: TestClient, workers: list[Any]) -> Api:
+    """The API as a client sees it, with workers running, as the operator (admin key)."""
+    return Api(app_client, admin_key=get_settings().parley_admin_key or "")
+
+
+@pytest.fixture
+def api_no_workers(app_client: TestClient) -> Api:
+    return Api(app_client, admin_key=get_settings().parley_admin_key or "")
+
+
+Factory = Callable[..., Any]

@@ -1,0 +1,85 @@
+"""Unit tests of the pieces that need no services."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings, next_redis_database, normalize_database_url
+from app.errors import ProblemError
+from app.ids import new_id, plausible_id
+from app.jobs.schemas import JobCreate
+from app.pagination import decode_cursor, encode_cursor
+from worker.gpus import plan, worker_spec
+
+
+def test_database_url_uses_psycopg() -> None:
+    assert normalize_database_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_database_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_broker_gets_its_own_redis_database() -> None:
+    assert next_redis_database("redis://h:6379/0") == "redis://h:6379/1"
+    assert next_redis_database("redis://h:6379/4?x=1") == "redis://h:6379/5?x=1"
+    assert next_redis_database("redis://h:6379") == "redis://h:6379/1"
+    settings = Settings(redis_url="redis://h:1/2", broker_url=None)
+    assert settings.celery_broker_url == "redis://h:1/3"
+    assert Settings(broker_url="amqp://b//").celery_broker_url == "amqp://b//"
+
+
+def test_weak_admin_key_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        Settings(parley_admin_key="short")
+
+
+def test_ids_are_time_ordered_and_opaque() -> None:
+    ids = [new_id("job") for _ in range(200)]
+    assert all(i.startswith("job_") and len(i) == 30 for i in ids)
+    assert len(set(ids)) == 200
+    assert plausible_id(ids[0])
+    for bad in ["", "a" * 65, "a\x00b", "ü", "a b\n"]:
+        assert not plausible_id(bad)
+
+
+def test_cursor_round_trip_and_rejects_garbage() -> None:
+    assert decode_cursor(encode_cursor([3]), (int,)) == [3]
+    assert decode_cursor(None, (int,)) is None
+    for bad in ["!!", encode_cursor(["3"]), encode_cursor([1, 2]), encode_cursor([True]), "e30"]:
+        with pytest.raises(ProblemError):
+            decode_cursor(bad, (int,))
+    with pytest.raises(ProblemError):
+        decode_cursor(encode_cursor(["not a date", "x"]), (__import__("datetime").datetime, str))
+
+
+@pytest.mark.parametrize("message", ["", " ", "\n", "a\x00", "x" * 32_001, "\ud800"])
+def test_message_validation(message: str) -> None:
+    with pytest.raises(ValidationError):
+        JobCreate(message=message)
+
+
+def test_message_accepts_any_language() -> None:
+    assert JobCreate(message="实现多轮对话的原理 🚀").message == "实现多轮对话的原理 🚀"
+
+
+def test_gpu_plan() -> None:
+    assert plan("cpu") == [None]
+    assert plan("0,1") == ["0", "1"]
+    assert plan(" 1 , 1 ") == ["1"]
+    for bad in ["", "x", "0,a", "-1"]:
+        with pytest.raises(ValueError):
+            plan(bad)
+
+
+def test_worker_processes_are_pinned_and_do_not_oversubscribe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    gpu = worker_spec("1", gpu_count=2)
+    assert gpu.env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert gpu.env["OMP_NUM_THREADS"] == "8"
+    cpu = worker_spec(None, gpu_count=1)
+    assert cpu.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert cpu.env["OMP_NUM_THREADS"] == "16"
+    assert "--concurrency" in cpu.command
