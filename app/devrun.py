@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -36,9 +37,11 @@ def _admin_key() -> str:
     return key
 
 
-def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> bool:
+def _wait_http(
+    url: str, timeout: float, procs: list[subprocess.Popen[bytes]], stop: threading.Event
+) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         if any(p.poll() is not None for p in procs):
             return False
         try:
@@ -47,7 +50,7 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
                     return True
         except OSError:
             pass
-        time.sleep(0.3)
+        stop.wait(0.3)
     return False
 
 
@@ -109,23 +112,23 @@ def run_dev(*, host: str, port: int) -> int:
 
         stack.callback(_wait_all, procs)
         stack.callback(_stop)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
         base = f"http://{host}:{port}"
-        try:
-            if not _wait_http(f"{base}/readyz", 180, procs):
-                _say("the API or the worker did not become ready; see the log above")
-                return 1
-            _say(f"ready in {time.monotonic() - started:.1f}s")
-            _say(f"API docs:  {base}/docs")
-            _say(f"admin key: {settings.parley_admin_key}")
-            _say("Ctrl-C stops everything")
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            _say("a process exited; stopping")
+        if not _wait_http(f"{base}/readyz", 180, procs, stop):
+            if stop.is_set():
+                return 0
+            _say("the API or the worker did not become ready; see the log above")
             return 1
-        except KeyboardInterrupt:
-            _say("stopping")
-            return 0
+        _say(f"ready in {time.monotonic() - started:.1f}s")
+        _say(f"API docs:  {base}/docs")
+        _say(f"admin key: {settings.parley_admin_key}")
+        _say("Ctrl-C stops everything")
+        while all(p.poll() is None for p in procs) and not stop.wait(0.5):
+            pass
+        _say("stopping" if stop.is_set() else "a process exited; stopping")
+        return 0 if stop.is_set() else 1
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
