@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     generation_time_limit_seconds: float = Field(default=120.0, gt=0)
     max_turn_attempts: int = Field(default=3, ge=1)
     max_unfinished_jobs_per_tenant: int = Field(default=1000, ge=1)
+    # Requests per minute for one API key; 0 turns the limit off.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: int = Field(default=60, ge=0)
     # A running job whose worker has not finished it by then is presumed dead and re-queued.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -12,6 +14,7 @@ from app.auth.service import Principal, authenticate
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.errors import ProblemError
+from app.redis import get_redis
 
 
 def get_session() -> Iterator[Session]:
@@ -45,10 +48,34 @@ def _bearer(request: Request) -> str:
     return token
 
 
-def current_principal(request: Request, session: SessionDep) -> Principal:
+def _enforce_rate_limit(principal: Principal, settings: Settings) -> None:
+    """A fixed one-minute window per key, counted in Redis."""
+    limit = settings.rate_limit_per_minute
+    if not limit:
+        return
+    now = time.time()
+    counter = f"parley:rate:{principal.key_id}:{int(now // 60)}"
+    try:
+        pipe = get_redis().pipeline()
+        pipe.incr(counter)
+        pipe.expire(counter, 120)
+        count = int(pipe.execute()[0])
+    except redis.RedisError:
+        # Fail open: an unavailable cache must not turn every request away.
+        return
+    if count > limit:
+        raise ProblemError(
+            429,
+            f"This key is limited to {limit} requests a minute.",
+            headers={"Retry-After": str(60 - int(now) % 60)},
+        )
+
+
+def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
     principal = authenticate(session, secret=_bearer(request))
     if principal is None:
         raise ProblemError(401, "The API key is unknown or revoked.", headers=_UNAUTHORIZED_HEADERS)
+    _enforce_rate_limit(principal, settings)
     request.state.principal = principal
     return principal
 

@@ -60,6 +60,19 @@ def test_tenant_limit_on_unfinished_jobs(api: Api, monkeypatch: pytest.MonkeyPat
     api.wait(key, first["id"])
 
 
+def test_rate_limit_per_key(api_no_workers: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = api_no_workers
+    monkeypatch.setattr(get_settings(), "rate_limit_per_minute", 3)
+    key, other = api.create_key("acme"), api.create_key("globex")
+    if time.time() % 60 > 55:  # keep the five requests inside one counting window
+        time.sleep(6)
+    codes = [api.request("GET", "/v1/conversations", key).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    limited = api.request("GET", "/v1/conversations", key)
+    assert 0 < int(limited.headers["Retry-After"]) <= 60
+    assert api.request("GET", "/v1/conversations", other).status_code == 200
+
+
 def test_repeat_while_the_first_is_in_flight_is_409(api_no_workers: Api) -> None:
     api = api_no_workers
     key = api.create_key("acme")
