@@ -61,7 +61,8 @@ class WorkerSpec:
     env: dict[str, str]
 
 
-def worker_spec(gpu: str | None, *, gpu_count: int) -> WorkerSpec:
+def worker_spec(gpu: str | None, *, gpu_count: int, name: str | None = None) -> WorkerSpec:
+    """How to start the worker process for `gpu` (None: the CPU); `name` names it in Celery."""
     cores = os.cpu_count() or 1
     # A CPU worker may use every core; GPU workers share the cores so that they do not
     # oversubscribe them with torch's intra-op threads.
@@ -70,7 +71,7 @@ def worker_spec(gpu: str | None, *, gpu_count: int) -> WorkerSpec:
     env["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else gpu
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
-    name = "cpu" if gpu is None else f"gpu{gpu}"
+    name = name or ("parley-cpu" if gpu is None else f"parley-gpu{gpu}")
     command = [
         sys.executable,
         "-m",
@@ -85,7 +86,7 @@ def worker_spec(gpu: str | None, *, gpu_count: int) -> WorkerSpec:
         "--queues",
         TURNS_QUEUE,
         "--hostname",
-        f"parley-{name}@%h",
+        f"{name}@%h",
         "--without-gossip",
         "--without-mingle",
         "--loglevel",

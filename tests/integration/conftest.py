@@ -3,9 +3,7 @@ databases, two Celery worker processes running the tiny model, and an API client
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +16,7 @@ from sqlalchemy import create_engine, text
 from app.config import get_settings, next_redis_database
 from app.redis import WORKERS_KEY, workers_alive
 from tests.integration.helpers import Api
+from worker.gpus import worker_spec
 
 TABLES = "tenants, api_keys, conversations, jobs, messages, idempotency_keys"
 
@@ -50,30 +49,11 @@ def redis_client() -> redis.Redis:
 
 
 def start_worker(name: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            "1",
-            "--queues",
-            "parley.turns",
-            "--hostname",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "WARNING",
-        ],
-        env=env,
-    )
+    """A worker started exactly as `parley worker --gpus cpu` starts one, on one thread."""
+    spec = worker_spec(None, gpu_count=1, name=name)
+    # Two workers share this machine's cores in the tests.
+    spec.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen(spec.command, env=spec.env)
 
 
 def wait_for_workers(client: redis.Redis, count: int, timeout: float = 90) -> None:
