@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -54,3 +55,13 @@ def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> list[Any] | No
             422, "The cursor is not valid.", errors=[{"loc": ["query", "cursor"], "msg": "invalid"}]
         )
     return values
+
+
+def split_page(
+    rows: list[T], limit: int, sort_key: Callable[[T], list[Any]]
+) -> tuple[list[T], str | None]:
+    """`rows` fetched with `limit + 1`: the page, and the cursor after it when more follow."""
+    if len(rows) <= limit:
+        return rows, None
+    page = rows[:limit]
+    return page, encode_cursor(sort_key(page[-1]))

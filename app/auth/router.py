@@ -9,7 +9,7 @@ from app.deps import AdminKey, SessionDep
 from app.errors import not_found
 from app.ids import plausible_id
 from app.models import ApiKey, Scope
-from app.pagination import CursorQuery, LimitQuery, Page, decode_cursor, encode_cursor
+from app.pagination import CursorQuery, LimitQuery, Page, decode_cursor, split_page
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["admin"])
 
@@ -52,9 +52,8 @@ def list_keys(
     after = decode_cursor(cursor, (str,))
     if after is not None:
         query = query.where(ApiKey.id > after[0])
-    rows = list(session.execute(query).scalars())
-    next_cursor = encode_cursor([rows[limit - 1].id]) if len(rows) > limit else None
-    return Page(data=[_out(k) for k in rows[:limit]], next_cursor=next_cursor)
+    rows, next_cursor = split_page(list(session.execute(query).scalars()), limit, lambda k: [k.id])
+    return Page(data=[_out(k) for k in rows], next_cursor=next_cursor)
 
 
 @router.delete("/{key_id}", status_code=204)

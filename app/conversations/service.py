@@ -12,7 +12,7 @@ from app.errors import not_found
 from app.ids import plausible_id
 from app.jobs import lifecycle
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message
-from app.pagination import decode_cursor, encode_cursor
+from app.pagination import decode_cursor, split_page
 
 
 def get_conversation(session: Session, *, tenant_id: str, conversation_id: str) -> Conversation:
@@ -45,17 +45,10 @@ def list_conversations(
         query = query.where(
             tuple_(Conversation.created_at, Conversation.id) < tuple_(after[0], after[1])
         )
-    rows = list(
-        session.execute(
-            query.order_by(Conversation.created_at.desc(), Conversation.id.desc()).limit(limit + 1)
-        ).scalars()
-    )
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1]
-        next_cursor = encode_cursor([last.created_at.isoformat(), last.id])
-    return rows, next_cursor
+    rows = session.execute(
+        query.order_by(Conversation.created_at.desc(), Conversation.id.desc()).limit(limit + 1)
+    ).scalars()
+    return split_page(list(rows), limit, lambda c: [c.created_at.isoformat(), c.id])
 
 
 def list_messages(
@@ -66,11 +59,11 @@ def list_messages(
     after = decode_cursor(cursor, (int,))
     if after is not None:
         query = query.where(Message.seq > after[0])
-    rows = list(session.execute(query.order_by(Message.seq).limit(limit + 1)).scalars())
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor([rows[-1].seq])
+    rows, next_cursor = split_page(
+        list(session.execute(query.order_by(Message.seq).limit(limit + 1)).scalars()),
+        limit,
+        lambda m: [m.seq],
+    )
     return [
         MessageOut(
             id=m.id,
