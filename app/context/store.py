@@ -71,7 +71,8 @@ class ContextStore:
     def __init__(self, client: redis.Redis, *, ttl_seconds: int, max_messages: int) -> None:
         self._redis = client
         self._ttl = ttl_seconds
-        self.max_messages = max_messages
+        # Succeeded turns add a user message and its reply: an even count keeps them paired.
+        self.max_messages = max_messages - max_messages % 2
 
     def get(self, conversation_id: str) -> Context | None:
         raw = self._redis.get(_key(conversation_id))
