@@ -42,7 +42,7 @@ def alembic_upgrade(database_url: str | None = None) -> None:
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
 
 
 @cli.command()
