@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app.admin.router import router as admin_router
 from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
@@ -50,7 +51,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (jobs_router, conversations_router, keys_router, health_router):
+    for router in (jobs_router, conversations_router, keys_router, admin_router, health_router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)

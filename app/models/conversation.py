@@ -13,7 +13,11 @@ from app.models.base import CreatedAt, utcnow
 
 class Conversation(CreatedAt, Base):
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_conversations_tenant_created", "tenant_id", "created_at", "id"),
+        # The admin list across tenants, newest first (migration 0003).
+        Index("ix_conversations_created", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

@@ -58,6 +58,10 @@ class Job(CreatedAt, Base):
             "tenant_id",
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
+        # Admin stats over the last hour (migration 0003). Status changes already make job
+        # updates non-HOT, so these cost little more on writes.
+        Index("ix_jobs_started_at", "started_at"),
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -1,6 +1,16 @@
 from __future__ import annotations
 
-from sqlalchemy import CheckConstraint, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    literal_column,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
@@ -16,6 +26,19 @@ class Message(CreatedAt, Base):
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
         CheckConstraint("role IN ('user', 'assistant')", name="role"),
+        # Admin search (app/admin/search.py): English word forms, and substrings for scripts
+        # written without spaces. Created by migration 0003 with pg_trgm.
+        Index(
+            "ix_messages_content_fts",
+            func.to_tsvector(literal_column("'english'::regconfig"), literal_column("content")),
+            postgresql_using="gin",
+        ),
+        Index(
+            "ix_messages_content_trgm",
+            "content",
+            postgresql_using="gin",
+            postgresql_ops={"content": "gin_trgm_ops"},
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
