@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.orm import Session
 
 from app.admin.filters import TranscriptFilter, apply_filter, last_job_status
@@ -24,6 +24,9 @@ def list_conversations(
 ) -> tuple[list[ConversationSummary], str | None]:
     """Newest first, keyed on (created_at, id): a conversation's place never changes, and new
     ones go to the front, so paging on is stable while turns arrive."""
+    # The plans here are index walks under a LIMIT: starting a parallel worker costs more
+    # (tens of ms on a small machine) than it could save. For this transaction only.
+    session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
     status = last_job_status().label("last_job_status")
     query, search = apply_filter(session, select(Conversation, status), filters)
     after = decode_cursor(cursor, (datetime, str))
