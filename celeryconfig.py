@@ -20,9 +20,12 @@ timezone = "UTC"
 enable_utc = True
 
 TURNS_QUEUE = "parley.turns"
+# Periodic upkeep (transcript retention), sent by `parley beat`: for the I/O worker.
+MAINTENANCE_QUEUE = "parley.maintenance"
 task_default_queue = TURNS_QUEUE
 task_routes = {
     "parley.run_turn": {"queue": TURNS_QUEUE},
+    "parley.enforce_retention": {"queue": MAINTENANCE_QUEUE},
 }
 
 # A turn is acknowledged only once it has ended, so a worker that dies mid-turn leaves it
@@ -39,3 +42,15 @@ broker_transport_options = {
 broker_connection_retry_on_startup = True
 worker_send_task_events = False
 worker_hijack_root_logger = False
+
+# Task modules that every worker and beat import, whichever Celery app they run.
+imports = ("worker.tasks.retention",)
+# `parley beat` sends these. A message no worker took before the next run is due expires
+# instead of piling up.
+beat_schedule = {
+    "enforce-retention": {
+        "task": "parley.enforce_retention",
+        "schedule": float(_settings.retention_interval_seconds),
+        "options": {"expires": float(_settings.retention_interval_seconds)},
+    },
+}

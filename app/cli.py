@@ -1,4 +1,4 @@
-"""The `parley` command: dev, api, worker, migrate, keys, model.
+"""The `parley` command: dev, api, worker, beat, migrate, keys, model, export.
 
 Commands that need the model stack run it in a child process (`python -m worker...`), so
 that this module, shared with the API, never imports torch or the worker (invariant 5).
@@ -82,6 +82,40 @@ def dev(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     from app.devrun import run_dev
 
     raise typer.Exit(run_dev(host=host, port=port))
+
+
+@cli.command()
+def beat(
+    data_dir: Annotated[Path, typer.Option(help="Where the schedule's state is kept.")] = Path(
+        ".parley"
+    ),
+) -> None:
+    """Run the scheduler of periodic tasks (Celery beat): transcript retention. Run exactly one."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat"]
+    command += ["--schedule", str(data_dir / "celerybeat-schedule")]
+    command += ["--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
+    os.execv(sys.executable, command)  # noqa: S606
+
+
+@cli.command("export")
+def export_transcripts(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The JSONL file to write.")],
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    q: Annotated[str | None, typer.Option(help="Search text, as in the admin API.")] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after (ISO 8601).")] = None,
+    until: Annotated[str | None, typer.Option(help="Created before (ISO 8601).")] = None,
+    status: Annotated[str | None, typer.Option(help="Status of the last job.")] = None,
+) -> None:
+    """Export conversations to a JSONL file, one a line: {"messages": [...], ...}."""
+    from app.admin.export_file import BadFilter, export_to_file, parse_filter
+
+    try:
+        filters = parse_filter(tenant=tenant, q=q, since=since, until=until, status=status)
+    except BadFilter as exc:
+        typer.echo(f"parley export: {exc}", err=True)
+        raise typer.Exit(2) from None
+    export_to_file(filters, output)
 
 
 @keys_cli.command("create")

@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     context_ttl_seconds: int = Field(default=24 * 3600, ge=1)
     # Recent messages kept in the cached context; the prompt window trims further by tokens.
     context_max_messages: int = Field(default=200, ge=2)
-    transcript_retention_days: int | None = None
+    # Conversations last updated longer ago than this are deleted; unset: kept forever.
+    transcript_retention_days: int | None = Field(default=None, ge=1)
+    # How often Celery beat runs the retention task (`parley beat`).
+    retention_interval_seconds: int = Field(default=3600, ge=1)
 
     default_max_new_tokens: int = Field(default=128, ge=1)
     max_new_tokens_limit: int = Field(default=1024, ge=1)

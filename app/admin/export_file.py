@@ -1,0 +1,81 @@
+"""`parley export`: the admin export written to a JSONL file, with a progress bar.
+
+Reads the database directly, through the same service as `GET /v1/admin/export`.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from app.admin import export
+from app.admin.filters import TranscriptFilter, make_filter
+from app.db import session_scope
+from app.errors import ProblemError
+from app.models import JobStatus
+
+
+class BadFilter(ValueError):
+    pass
+
+
+def _time(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise BadFilter(f"--{name} is not a date or time such as 2026-01-31T12:00:00Z") from None
+
+
+def parse_filter(
+    *,
+    tenant: str | None,
+    q: str | None,
+    since: str | None,
+    until: str | None,
+    status: str | None,
+) -> TranscriptFilter:
+    if status is not None and status not in set(JobStatus):
+        raise BadFilter(f"--status is one of {', '.join(JobStatus)}")
+    try:
+        return make_filter(
+            tenant=tenant,
+            q=q,
+            since=_time("since", since),
+            until=_time("until", until),
+            status=status,
+        )
+    except ProblemError as problem:
+        raise BadFilter(problem.detail) from None
+
+
+def export_to_file(filters: TranscriptFilter, output: Path) -> tuple[int, int]:
+    """Writes the export to `output`; returns (conversations, messages)."""
+    console = Console(stderr=True)
+    conversations = messages = 0
+    with session_scope() as session:
+        total = export.count_conversations(session, filters)
+        columns = (
+            TextColumn("exporting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("conversations"),
+            TimeRemainingColumn(),
+        )
+        with (
+            output.open("wb") as file,
+            Progress(*columns, console=console, disable=not sys.stderr.isatty()) as progress,
+        ):
+            task = progress.add_task("export", total=total)
+            for record in export.iter_conversations(session, filters):
+                file.write(export.to_line(record))
+                conversations += 1
+                messages += len(record["messages"])
+                progress.advance(task)
+    console.print(f"exported {conversations} conversations ({messages} messages) to {output}")
+    return conversations, messages

@@ -1,0 +1,153 @@
+"""Transcript export (route and `parley export`) and the admin stats, against real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from app.db import session_scope
+from app.models import Job
+from tests.integration.helpers import Api
+from tests.integration.test_admin_search import seed_conversation
+
+pytestmark = pytest.mark.integration
+
+
+def _export(api: Api, **params: Any) -> list[dict[str, Any]]:
+    answer = api.request("GET", "/v1/admin/export", api.admin_key, params=params)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in answer.text.splitlines()]
+
+
+def _seed_two_tenants() -> tuple[str, str, str]:
+    now = datetime.now(UTC)
+    first = seed_conversation(
+        "acme",
+        [("How do I reset my password?", "Open the settings page.", "succeeded")],
+        system_prompt="You are a support agent.",
+        created_at=now - timedelta(days=3),
+    )
+    second = seed_conversation(
+        "acme",
+        [("Is shipping free?", "Above 50 euros.", "succeeded"), ("Thanks", None, "failed")],
+        created_at=now - timedelta(days=1),
+    )
+    chinese = seed_conversation("globex", [("请解释实现多轮对话的原理", "好的", "succeeded")])
+    return first, second, chinese
+
+
+def test_export_is_ndjson_in_the_messages_shape(api_no_workers: Api) -> None:
+    api = api_no_workers
+    first, second, chinese = _seed_two_tenants()
+    lines = _export(api)
+    assert [line["conversation_id"] for line in lines] == [first, second, chinese]
+    assert set(lines[0]) == {"conversation_id", "tenant", "created_at", "messages"}
+    assert lines[0]["tenant"] == "acme"
+    assert [(m["role"], m["content"]) for m in lines[0]["messages"]] == [
+        ("system", "You are a support agent."),
+        ("user", "How do I reset my password?"),
+        ("assistant", "Open the settings page."),
+    ]
+    assert all(set(m) == {"role", "content", "created_at"} for m in lines[1]["messages"])
+    assert [m["role"] for m in lines[1]["messages"]] == ["user", "assistant", "user"]
+    assert lines[2]["messages"][0]["content"] == "请解释实现多轮对话的原理"
+
+
+def test_export_filters(api_no_workers: Api) -> None:
+    api = api_no_workers
+    first, second, chinese = _seed_two_tenants()
+    ids = lambda **p: [line["conversation_id"] for line in _export(api, **p)]  # noqa: E731
+    assert ids(tenant="acme") == [first, second]
+    assert ids(q="passwords") == [first]
+    assert ids(q="多轮对话") == [chinese]
+    assert ids(since=(datetime.now(UTC) - timedelta(days=2)).isoformat()) == [second, chinese]
+    assert ids(tenant="acme", status="failed") == [second]
+    assert ids(tenant="nobody") == []
+    answer = api.request("GET", "/v1/admin/export", api.admin_key, params={"since": "soon"})
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_parley_export_writes_jsonl(api_no_workers: Api, tmp_path: Path) -> None:
+    first, second, _ = _seed_two_tenants()
+    out = tmp_path / "acme.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "export", "--tenant", "acme", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["conversation_id"] for line in lines] == [first, second]
+    assert lines[0]["messages"][0]["role"] == "system"
+    assert "2 conversations" in done.stdout + done.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "app.cli", "export", "--since", "2026-02-01",
+         "--until", "2026-01-01", "-o", str(tmp_path / "none.jsonl")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "since" in refused.stderr
+
+
+def test_stats_per_status_tenant_and_percentiles(api_no_workers: Api) -> None:
+    api = api_no_workers
+    now = datetime.now(UTC)
+    conversations = [
+        seed_conversation("acme", [("a", "b", "succeeded")]),
+        seed_conversation("acme", [("c", "d", "succeeded")]),
+        seed_conversation("acme", [("e", None, "failed")]),
+        seed_conversation("globex", [("f", None, "running")]),
+        seed_conversation("globex", [("g", None, "cancelled")]),
+        seed_conversation("globex", [("h", None, "queued")]),
+    ]
+    # Queue waits of 1, 2, 3 (acme) and 10, 20 s (globex); run times of 4, 8, 12 s (acme).
+    timings = [(1, 4), (2, 8), (3, 12), (10, None), (20, None), (None, None)]
+    with session_scope() as session:
+        for conversation, (wait, run) in zip(conversations, timings, strict=True):
+            created = now - timedelta(minutes=30)
+            started = created + timedelta(seconds=wait) if wait is not None else None
+            finished = started + timedelta(seconds=run) if started and run else None
+            session.execute(
+                update(Job)
+                .where(Job.conversation_id == conversation)
+                .values(created_at=created, started_at=started, finished_at=finished)
+            )
+        # Outside the hour: counted per status, not in the percentiles.
+        old = seed_conversation("acme", [("z", "y", "succeeded")])
+        session.execute(
+            update(Job)
+            .where(Job.conversation_id == old)
+            .values(
+                created_at=now - timedelta(hours=3),
+                started_at=now - timedelta(hours=3) + timedelta(seconds=500),
+                finished_at=now - timedelta(hours=2),
+            )
+        )
+    answer = api.request("GET", "/v1/admin/stats", api.admin_key)
+    assert answer.status_code == 200, answer.text
+    stats = answer.json()
+    total, tenants = stats["total"], {t["tenant"]: t for t in stats["tenants"]}
+    assert total["jobs"] == {
+        "queued": 1, "running": 1, "succeeded": 3, "failed": 1, "cancelled": 1
+    }  # fmt: skip
+    assert total["queue_depth"] == 1
+    assert tenants["acme"]["jobs"]["succeeded"] == 3
+    assert tenants["globex"]["queue_depth"] == 1
+    assert tenants["acme"]["queue_wait_seconds"] == {"p50": 2.0, "p95": 2.9, "count": 3}
+    assert tenants["acme"]["run_time_seconds"] == {"p50": 8.0, "p95": 11.6, "count": 3}
+    assert tenants["globex"]["queue_wait_seconds"] == {"p50": 15.0, "p95": 19.5, "count": 2}
+    assert tenants["globex"]["run_time_seconds"] == {"p50": None, "p95": None, "count": 0}
+    assert total["queue_wait_seconds"] == {"p50": 3.0, "p95": 18.0, "count": 5}
+    assert stats["window_seconds"] == 3600
+    assert isinstance(stats["workers_alive"], int)
+    assert isinstance(stats["broker_queue_length"], int)
