@@ -22,10 +22,13 @@ enable_utc = True
 TURNS_QUEUE = "parley.turns"
 # Periodic upkeep (transcript retention), sent by `parley beat`: for the I/O worker.
 MAINTENANCE_QUEUE = "parley.maintenance"
+# Webhook deliveries: consumed by the I/O worker (`parley io-worker`), never by a GPU worker.
+WEBHOOKS_QUEUE = "parley.webhooks"
 task_default_queue = TURNS_QUEUE
 task_routes = {
     "parley.run_turn": {"queue": TURNS_QUEUE},
     "parley.enforce_retention": {"queue": MAINTENANCE_QUEUE},
+    "parley.deliver_webhook": {"queue": WEBHOOKS_QUEUE},
 }
 
 # A turn is acknowledged only once it has ended, so a worker that dies mid-turn leaves it

@@ -1,4 +1,4 @@
-"""The `parley` command: dev, api, worker, beat, migrate, keys, model, export.
+"""The `parley` command: dev, api, worker, io-worker, beat, migrate, keys, model, export.
 
 Commands that need the model stack run it in a child process (`python -m worker...`), so
 that this module, shared with the API, never imports torch or the worker (invariant 5).
@@ -74,6 +74,23 @@ def worker(
     """Run the model workers: one process per GPU, or one on the CPU."""
     # Replaces this process with the launcher; no shell is involved.
     os.execv(sys.executable, [sys.executable, "-m", "worker.gpus", "--gpus", gpus])  # noqa: S606
+
+
+@cli.command("io-worker")
+def io_worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="Deliveries at once (threads).")] = 32,
+    name: Annotated[str, typer.Option(help="The worker's name in Celery.")] = "parley-io",
+) -> None:
+    """Run the I/O worker: webhook deliveries and their retry sweep. It never loads the model
+    and needs no GPU; run one or more anywhere that reaches the database and the broker."""
+    from celeryconfig import WEBHOOKS_QUEUE
+
+    command = [sys.executable, "-m", "celery", "-A", "worker.io_app", "worker"]
+    command += ["--pool", "threads", "--concurrency", str(concurrency)]
+    command += ["--queues", WEBHOOKS_QUEUE, "--hostname", f"{name}@%h"]
+    command += ["--without-gossip", "--without-mingle"]
+    command += ["--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
+    os.execv(sys.executable, command)  # noqa: S606
 
 
 @cli.command()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def normalize_database_url(url: str) -> str:
@@ -40,6 +44,8 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(default=128, ge=1)
     max_new_tokens_limit: int = Field(default=1024, ge=1)
     generation_time_limit_seconds: float = Field(default=120.0, gt=0)
+    # Turns generated together by one worker process (its batch), and so its Celery threads.
+    worker_max_batch: int = Field(default=16, ge=1, le=512)
     max_turn_attempts: int = Field(default=3, ge=1)
     max_unfinished_jobs_per_tenant: int = Field(default=1000, ge=1)
     # Requests per minute for one API key; 0 turns the limit off.
@@ -51,6 +57,20 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: int = Field(default=30, ge=1)
     worker_heartbeat_seconds: int = Field(default=10, ge=1)
 
+    # Webhooks. Networks (comma-separated CIDRs) a webhook may reach although not public.
+    webhook_allowed_networks: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Seconds to wait after each failed attempt (comma-separated), jittered upwards by up to a
+    # fifth; after the last, the webhook is `failed`. The default spans 27.6 hours.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        min_length=1,
+    )
+    webhook_sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # A due attempt whose message no worker took within this long is sent again.
+    webhook_redispatch_seconds: float = Field(default=300.0, gt=0)
+    webhook_resolve_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
     @field_validator("database_url")
     @classmethod
     def _driver(cls, value: str) -> str:
@@ -61,6 +81,24 @@ class Settings(BaseSettings):
     def _strong_admin_key(cls, value: str | None) -> str | None:
         if value is not None and len(value) < 20:
             raise ValueError("PARLEY_ADMIN_KEY must be at least 20 characters")
+        return value
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            return [ipaddress.ip_network(part, strict=False) for part in parts]
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            delays = [float(part) for part in value.split(",") if part.strip()]
+            if any(not 0 < delay < 10**7 for delay in delays):
+                raise ValueError("each delay must be a positive number of seconds")
+            return delays
         return value
 
     @property

@@ -20,6 +20,7 @@ from app.jobs.router import router as jobs_router
 from app.jobs.waiter import JobWaiter
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.webhooks.router import router as webhooks_router
 
 
 def _bootstrap() -> None:
@@ -53,6 +54,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     for router in (jobs_router, conversations_router, keys_router, admin_router, health_router):
         app.include_router(router)
+    app.include_router(webhooks_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -66,9 +66,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RECONCILE_INTERVAL_SECONDS", "2")
     os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # Webhook receivers in the tests listen on loopback, which the SSRF guard refuses otherwise.
+    os.environ.setdefault("WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
     from app.config import get_settings
 
     get_settings.cache_clear()
+    # A conftest loaded before this hook (`pytest tests/integration/...`) may have imported
+    # celeryconfig with the default settings, whose broker is Redis database 1: forget it, so
+    # that it is read again, with the test databases, when the first task is sent.
+    sys.modules.pop("celeryconfig", None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, aliased
 from app.models import UNFINISHED, Conversation, Job, JobStatus
 from app.models.base import utcnow
 from app.queue import RUN_TURN, enqueue_after_commit
+from app.webhooks import events as webhook_events
 
 
 def lock_conversation(session: Session, conversation_id: str) -> Conversation | None:
@@ -120,13 +121,16 @@ def end_job(
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> None:
-    """Move `job` to a terminal state and release its conversation's next job.
-    The caller holds the conversation's row lock."""
+    """Move `job` to a terminal state, write its webhook event, and release its
+    conversation's next job. The caller holds the conversation's row lock."""
     job.status = status
     job.finished_at = utcnow()
     job.lease_expires_at = None
     job.error_code = error_code
     job.error_message = error_message
+    if job.webhook_url is not None:
+        # In this transaction: a job end and its webhook event are stored together or not at all.
+        webhook_events.record_job_end(session, job)
     release_next(session, conversation_id=job.conversation_id)
 
 

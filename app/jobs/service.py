@@ -20,6 +20,7 @@ from app.jobs.schemas import (
 )
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message, user_seq
 from app.models.base import utcnow
+from app.webhooks.events import check_submitted_url, webhook_state
 
 
 def resolve_generation(request: JobCreate, settings: Settings) -> dict[str, Any]:
@@ -57,6 +58,8 @@ def _check_tenant_capacity(session: Session, *, tenant_id: str, settings: Settin
 
 def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
     """Store the user's message and its job; dispatch it if it is its conversation's next."""
+    if request.webhook_url is not None:
+        check_submitted_url(request.webhook_url, settings)
     generation = resolve_generation(request, settings)
     _check_tenant_capacity(session, tenant_id=tenant_id, settings=settings)
     now = utcnow()
@@ -187,6 +190,6 @@ def to_job_out(session: Session, job: Job) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        webhook=None,
+        webhook=webhook_state(session, job),
         metadata=job.metadata_,
     )

@@ -6,6 +6,9 @@ from app.models.idempotency_key import IdempotencyKey
 from app.models.job import TERMINAL, UNFINISHED, Job, JobStatus
 from app.models.message import Message, reply_seq, user_seq
 from app.models.tenant import Tenant
+from app.models.webhook_attempt import WebhookAttempt
+from app.models.webhook_event import WebhookEvent, WebhookStatus
+from app.models.webhook_secret import WebhookSecret
 
 __all__ = [
     "TERMINAL",
@@ -18,6 +21,10 @@ __all__ = [
     "Message",
     "Scope",
     "Tenant",
+    "WebhookAttempt",
+    "WebhookEvent",
+    "WebhookSecret",
+    "WebhookStatus",
     "reply_seq",
     "user_seq",
 ]

@@ -3,7 +3,9 @@ databases, two Celery worker processes running the tiny model, and an API client
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +20,10 @@ from app.redis import WORKERS_KEY, workers_alive
 from tests.integration.helpers import Api
 from worker.gpus import worker_spec
 
-TABLES = "tenants, api_keys, conversations, jobs, messages, idempotency_keys"
+TABLES = (
+    "tenants, api_keys, conversations, jobs, messages, idempotency_keys, "
+    "webhook_events, webhook_attempts, webhook_secrets"
+)
 
 
 def _reset_schema(url: str) -> None:
@@ -74,6 +79,35 @@ def workers(
     try:
         wait_for_workers(redis_client, 2)
         yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_io_worker(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """An I/O worker started exactly as `parley io-worker` starts one."""
+    command = [sys.executable, "-m", "app.cli", "io-worker", "--concurrency", "8", "--name", name]
+    return subprocess.Popen(command, env={**os.environ, **env})
+
+
+@pytest.fixture
+def io_workers(
+    database_url: str, redis_client: redis.Redis
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts real I/O worker processes (`start(**settings)`); all are stopped after the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(**settings: str) -> subprocess.Popen[bytes]:
+        procs.append(start_io_worker(f"test-io-{len(procs)}", settings))
+        return procs[-1]
+
+    try:
+        yield start
     finally:
         for proc in procs:
             proc.terminate()

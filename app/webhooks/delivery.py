@@ -1,0 +1,202 @@
+"""Delivering webhook events: claim an attempt, send it, record it, schedule the next.
+
+The schedule is in the database (invariant 1): `next_attempt_at` says when the next attempt
+is due, and the I/O worker's sweep sends due events to the queue, so retries survive the loss
+of any worker or broker message. An attempt is claimed by a conditional update that takes a
+lease, so two workers never make the same attempt; a worker that dies mid-attempt leaves a
+lease that expires, and the event is due again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import session_scope
+from app.models import WebhookAttempt, WebhookEvent, WebhookStatus
+from app.models.base import utcnow
+from app.queue import enqueue_after_commit
+from app.webhooks import sender, signing
+from app.webhooks.events import DELIVER_WEBHOOK
+
+log = logging.getLogger("parley.webhooks")
+
+# Each delay of the schedule is stretched by a random part of up to this fraction, so that
+# events that failed together do not all retry in the same second (never shortened: the
+# schedule is the least time covered).
+JITTER = 0.2
+SWEEP_BATCH = 500
+
+
+@dataclass(frozen=True)
+class AttemptClaim:
+    event_id: str
+    attempt: int
+    round_start: int
+    tenant_id: str
+    url: str
+    payload: dict[str, Any]
+
+
+def attempt_lease(settings: Settings) -> timedelta:
+    """How long a claimed attempt may take before another worker presumes it lost."""
+    return timedelta(
+        seconds=2 * settings.webhook_timeout_seconds + settings.webhook_resolve_timeout_seconds + 5
+    )
+
+
+def claim_attempt(session: Session, *, event_id: str, lease: timedelta) -> AttemptClaim | None:
+    """Take the event's due attempt for this worker; None when it is not due, in flight
+    elsewhere, delivered, failed or gone."""
+    now = utcnow()
+    row = session.execute(
+        update(WebhookEvent)
+        .where(
+            WebhookEvent.id == event_id,
+            WebhookEvent.status == WebhookStatus.pending,
+            WebhookEvent.next_attempt_at <= now,
+            or_(WebhookEvent.lease_expires_at.is_(None), WebhookEvent.lease_expires_at < now),
+        )
+        .values(attempts=WebhookEvent.attempts + 1, lease_expires_at=now + lease)
+        .returning(
+            WebhookEvent.attempts,
+            WebhookEvent.round_start,
+            WebhookEvent.tenant_id,
+            WebhookEvent.url,
+            WebhookEvent.payload,
+        )
+    ).first()
+    if row is None:
+        return None
+    return AttemptClaim(
+        event_id, int(row.attempts), int(row.round_start), row.tenant_id, row.url, row.payload
+    )
+
+
+def next_attempt_delay(settings: Settings, *, failures: int) -> float | None:
+    """Seconds until the retry after `failures` failed attempts of a round; None: give up."""
+    schedule = settings.webhook_retry_schedule
+    if failures > len(schedule):
+        return None
+    return schedule[failures - 1] * (1 + random.uniform(0, JITTER))
+
+
+def record_attempt(
+    session: Session,
+    claim: AttemptClaim,
+    result: sender.AttemptResult,
+    *,
+    at: datetime,
+    settings: Settings,
+) -> str | None:
+    """Store the attempt and the event's next state; returns that state (None: the event is
+    gone, deleted with its conversation)."""
+    event = session.execute(
+        select(WebhookEvent).where(WebhookEvent.id == claim.event_id).with_for_update()
+    ).scalar_one_or_none()
+    if event is None:
+        return None
+    session.add(
+        WebhookAttempt(
+            event_id=claim.event_id,
+            attempt=claim.attempt,
+            at=at,
+            status_code=result.status_code,
+            error=result.error,
+            duration_ms=result.duration_ms,
+        )
+    )
+    # Only the latest claim moves the event on: an attempt that outlived its lease (another
+    # worker has claimed the next one since) is recorded and no more.
+    if event.attempts != claim.attempt or event.status != WebhookStatus.pending:
+        return str(event.status)
+    delay = (
+        None
+        if result.delivered
+        else next_attempt_delay(settings, failures=claim.attempt - claim.round_start)
+    )
+    if result.delivered or delay is None:
+        event.status = WebhookStatus.delivered if result.delivered else WebhookStatus.failed
+        event.next_attempt_at = None
+    else:
+        event.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    event.lease_expires_at = None
+    event.enqueued_at = None
+    session.flush()
+    return str(event.status)
+
+
+def _body(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def deliver(event_id: str, settings: Settings) -> str | None:
+    """Make the event's due attempt, if it is still due and nobody else is making it."""
+    with session_scope() as session:
+        claim = claim_attempt(session, event_id=event_id, lease=attempt_lease(settings))
+        if claim is None:
+            return None
+        at = utcnow()
+        keys = signing.signing_secrets(
+            signing.tenant_secret(session, tenant_id=claim.tenant_id), now=at
+        )
+    body = _body(claim.payload)
+    headers = signing.sign_headers(message_id=event_id, body=body, keys=keys, at=at)
+    result = sender.post(
+        claim.url,
+        body.encode("utf-8"),
+        headers,
+        allowed=settings.webhook_allowed_networks,
+        timeout=settings.webhook_timeout_seconds,
+        resolve_timeout=settings.webhook_resolve_timeout_seconds,
+    )
+    with session_scope() as session:
+        state = record_attempt(session, claim, result, at=at, settings=settings)
+    log.info(
+        "webhook %s attempt %d: %s in %d ms -> %s",
+        event_id,
+        claim.attempt,
+        result.status_code if result.error is None else result.error,
+        result.duration_ms,
+        state,
+    )
+    return state
+
+
+def sweep_due(settings: Settings) -> int:
+    """Send the due events whose message no worker is holding to the queue; returns how many."""
+    now = utcnow()
+    resend_before = now - timedelta(seconds=settings.webhook_redispatch_seconds)
+    with session_scope() as session:
+        due = list(
+            session.execute(
+                select(WebhookEvent)
+                .where(
+                    WebhookEvent.status == WebhookStatus.pending,
+                    WebhookEvent.next_attempt_at <= now,
+                    or_(
+                        WebhookEvent.lease_expires_at.is_(None),
+                        WebhookEvent.lease_expires_at < now,
+                    ),
+                    or_(
+                        WebhookEvent.enqueued_at.is_(None),
+                        WebhookEvent.enqueued_at < resend_before,
+                    ),
+                )
+                .order_by(WebhookEvent.next_attempt_at)
+                .limit(SWEEP_BATCH)
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        for event in due:
+            event.enqueued_at = now
+            enqueue_after_commit(session, DELIVER_WEBHOOK, [event.id])
+    return len(due)

@@ -1,0 +1,140 @@
+"""Webhook events: written with the job's end, read into the Job, redelivered on request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import ProblemError
+from app.ids import new_id
+from app.jobs.schemas import WebhookState
+from app.models import Job, WebhookAttempt, WebhookEvent, WebhookStatus
+from app.models.base import utcnow
+from app.pagination import decode_cursor, split_page
+from app.queue import enqueue_after_commit
+from app.webhooks import ssrf
+from app.webhooks.schemas import WebhookAttemptOut
+
+DELIVER_WEBHOOK = "parley.deliver_webhook"
+
+
+def record_job_end(session: Session, job: Job) -> None:
+    """Write the job end's event, its payload frozen now, and send it once this transaction
+    commits. At most one per job: a second end of the same job (which the claim forbids
+    anyway) finds the unique job_id taken and adds nothing."""
+    # Imported here: app.jobs.service imports the lifecycle, which imports this module.
+    from app.jobs.service import to_job_out
+
+    data = to_job_out(session, job).model_dump(mode="json")
+    # The delivery state belongs to the webhook being delivered, not to its content.
+    data["webhook"] = None
+    payload: dict[str, Any] = {
+        "type": f"job.{job.status}",
+        "timestamp": data["finished_at"],
+        "data": data,
+    }
+    now = utcnow()
+    event_id = new_id("evt")
+    inserted = session.execute(
+        insert(WebhookEvent)
+        .values(
+            id=event_id,
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            url=job.webhook_url,
+            type=payload["type"],
+            payload=payload,
+            status=WebhookStatus.pending,
+            attempts=0,
+            round_start=0,
+            next_attempt_at=now,
+            enqueued_at=now,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(WebhookEvent.id)
+    ).first()
+    if inserted is not None:
+        enqueue_after_commit(session, DELIVER_WEBHOOK, [event_id])
+
+
+def webhook_state(session: Session, job: Job) -> WebhookState | None:
+    """The Job's `webhook` field: pending until the job ends and its event is delivered."""
+    if job.webhook_url is None:
+        return None
+    event = session.execute(
+        select(WebhookEvent.status, WebhookEvent.attempts).where(WebhookEvent.job_id == job.id)
+    ).first()
+    if event is None:
+        return WebhookState(url=job.webhook_url, status="pending", attempts=0)
+    return WebhookState(url=job.webhook_url, status=event.status, attempts=event.attempts)
+
+
+def redeliver(session: Session, *, job: Job) -> WebhookState:
+    """Send the job's event again now; a delivered or failed one starts a new round of retries."""
+    if job.webhook_url is None:
+        raise ProblemError(409, "The job has no webhook_url: there is nothing to deliver.")
+    event = session.execute(
+        select(WebhookEvent).where(WebhookEvent.job_id == job.id).with_for_update()
+    ).scalar_one_or_none()
+    if event is None:
+        raise ProblemError(409, "The job has not ended; its webhook is sent when it does.")
+    now = utcnow()
+    if event.status != WebhookStatus.pending:
+        event.status = WebhookStatus.pending
+        event.round_start = event.attempts
+    event.next_attempt_at = now
+    event.enqueued_at = now
+    enqueue_after_commit(session, DELIVER_WEBHOOK, [event.id])
+    session.flush()
+    return WebhookState(url=job.webhook_url, status="pending", attempts=event.attempts)
+
+
+def list_attempts(
+    session: Session, *, job_id: str, limit: int, cursor: str | None
+) -> tuple[list[WebhookAttemptOut], str | None]:
+    """The job's delivery attempts, oldest first, keyed on the attempt number."""
+    query = (
+        select(WebhookAttempt)
+        .join(WebhookEvent, WebhookEvent.id == WebhookAttempt.event_id)
+        .where(WebhookEvent.job_id == job_id)
+    )
+    after = decode_cursor(cursor, (int,))
+    if after is not None:
+        query = query.where(WebhookAttempt.attempt > after[0])
+    rows, next_cursor = split_page(
+        list(session.execute(query.order_by(WebhookAttempt.attempt).limit(limit + 1)).scalars()),
+        limit,
+        lambda a: [a.attempt],
+    )
+    return [
+        WebhookAttemptOut(
+            attempt=a.attempt,
+            at=a.at,
+            status_code=a.status_code,
+            error=a.error,
+            duration_ms=a.duration_ms,
+        )
+        for a in rows
+    ], next_cursor
+
+
+def check_submitted_url(url: str, settings: Settings) -> None:
+    """At submit: a `webhook_url` the SSRF guard refuses (or whose host does not resolve) is a
+    422 on that field."""
+    try:
+        ssrf.check_url(
+            url,
+            allowed=settings.webhook_allowed_networks,
+            resolve_timeout=settings.webhook_resolve_timeout_seconds,
+        )
+    except ssrf.UnsafeWebhookUrl as exc:
+        raise ProblemError(
+            422,
+            f"webhook_url is not allowed: {exc}.",
+            errors=[{"loc": ["body", "webhook_url"], "msg": str(exc)}],
+        ) from None

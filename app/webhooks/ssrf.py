@@ -1,0 +1,178 @@
+"""The SSRF guard: which webhook URLs Parley may POST to, checked at submit and at delivery.
+
+A URL passes when it is http(s) and its host, whether an address literal (in any of the
+encodings a resolver accepts: `2130706433`, `0x7f.1`, `127.1`, `[::ffff:127.0.0.1]`) or a name
+(every address it resolves to), is a public unicast address, or lies in the operator's
+allow-list (`WEBHOOK_ALLOWED_NETWORKS`). The checked addresses are returned so that the
+caller connects to one of them, never to a second answer of the resolver (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from app.config import IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Names of cloud metadata services that need not resolve to a link-local address everywhere.
+_BLOCKED_NAMES = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
+_METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("169.254.169.254"),
+        ipaddress.ip_address("169.254.170.2"),
+        ipaddress.ip_address("fd00:ec2::254"),
+    }
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# Every dotted part a number in the C library's notations (decimal, 0x hex, 0 octal): such a
+# host is an IPv4 literal to any resolver, however short or odd its form.
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
+
+_resolver_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=8, thread_name_prefix="parley-resolve"
+)
+
+
+class UnsafeWebhookUrl(ValueError):
+    """The URL may not be used: the message says why, fit to show to the client."""
+
+
+@dataclass(frozen=True)
+class CheckedTarget:
+    url: httpx.URL
+    host: str
+    port: int
+    addresses: tuple[IPAddress, ...]
+    # The host is an address literal, not a name (no SNI for it).
+    is_literal: bool
+
+
+def resolve_host(host: str, port: int, timeout: float) -> list[IPAddress]:
+    """Every address `host` resolves to (one DNS lookup). Tests replace this function."""
+    future = _resolver_pool.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    try:
+        answers = future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        raise UnsafeWebhookUrl(f"the host {host!r} could not be resolved in time") from None
+    except (OSError, UnicodeError):
+        raise UnsafeWebhookUrl(f"the host {host!r} does not resolve") from None
+    addresses: list[IPAddress] = []
+    for _, _, _, _, sockaddr in answers:
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (6to4, NAT64, IPv4-compatible), if any."""
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def refusal(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> str | None:
+    """Why `address` may not be reached, or None when it may."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A mapped address is the IPv4 one, on the wire and for the allow-list.
+        return refusal(address.ipv4_mapped, allowed)
+    if any(address.version == net.version and address in net for net in allowed):
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        carried = refusal(embedded) if embedded is not None else None
+        if carried is not None:
+            return f"an IPv6 form of {carried}"
+    if address in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    checks: list[tuple[bool, str]] = [
+        (address.is_unspecified, "an unspecified address"),
+        (address.is_loopback, "a loopback address"),
+        (address.is_link_local, "a link-local address"),
+        (address.is_multicast, "a multicast address"),
+        (address.version == 4 and address in _CGNAT, "a carrier-grade NAT (CGNAT) address"),
+        (
+            address.version == 6 and address in ipaddress.ip_network("fc00::/7"),
+            "a unique-local address",
+        ),
+        (isinstance(address, ipaddress.IPv6Address) and address.is_site_local, "a private address"),
+        (address.is_reserved, "a reserved address"),
+        (address.is_private, "a private address"),
+        (not address.is_global, "not a public address"),
+    ]
+    return next((reason for refused, reason in checks if refused), None)
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address `host` spells, in any notation a resolver would accept, else None."""
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.match(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            raise UnsafeWebhookUrl(f"the host {host!r} is not a valid address") from None
+    return None
+
+
+def parse_webhook_url(url: str) -> httpx.URL:
+    """The URL, if it is an absolute http(s) URL with a host; else UnsafeWebhookUrl."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise UnsafeWebhookUrl("not a valid URL") from None
+    if parsed.scheme not in ("http", "https"):
+        raise UnsafeWebhookUrl("only http and https URLs are allowed")
+    if not parsed.host:
+        raise UnsafeWebhookUrl("the URL has no host")
+    return parsed
+
+
+def check_url(url: str, *, allowed: Sequence[IPNetwork], resolve_timeout: float) -> CheckedTarget:
+    """Parse, resolve once and check `url`; every address must pass. UnsafeWebhookUrl if not."""
+    parsed = parse_webhook_url(url)
+    host = parsed.host.lower()
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    name = host.rstrip(".")
+    literal = literal_address(name)
+    if literal is not None:
+        addresses: list[IPAddress] = [literal]
+    else:
+        if not _HOST_NAME.match(name):
+            raise UnsafeWebhookUrl(f"the host {host!r} is not a valid host name")
+        if name in _BLOCKED_NAMES:
+            raise UnsafeWebhookUrl(f"the host {host!r} is a cloud metadata service")
+        addresses = resolve_host(name, port, resolve_timeout)
+        if not addresses:
+            raise UnsafeWebhookUrl(f"the host {host!r} does not resolve")
+    for address in addresses:
+        reason = refusal(address, allowed)
+        if reason is not None:
+            shown = host if literal is None else str(literal)
+            raise UnsafeWebhookUrl(
+                f"the host {shown!r} is {reason}"
+                if literal is not None
+                else f"the host {shown!r} resolves to {reason}"
+            )
+    return CheckedTarget(
+        url=parsed,
+        host=host,
+        port=port,
+        addresses=tuple(addresses),
+        is_literal=literal is not None,
+    )
