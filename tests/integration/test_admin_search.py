@@ -3,16 +3,19 @@ stable pages while turns arrive, and no 500 whatever `q` holds."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from app.auth.service import ensure_tenant
 from app.db import session_scope
 from app.ids import new_id
 from app.models import Conversation, Job, Message, reply_seq, user_seq
+from bench.b5_server import explain_service_query
 from tests.integration.helpers import Api
 
 pytestmark = pytest.mark.integration
@@ -306,3 +309,75 @@ def test_no_query_string_is_a_500(api_no_workers: Api) -> None:
         assert answer.headers["content-type"] == "application/problem+json"
     raw = api.client.get("/v1/admin/conversations?q=%FF%FE%00", headers=api.auth(api.admin_key))
     assert raw.status_code in (200, 422), raw.text
+
+
+def _bulk_messages(conversations: int) -> None:
+    """`conversations` conversations of 10 messages of filler, straight in SQL, analysed."""
+    with session_scope() as session:
+        ensure_tenant(session, tenant_id="bulk")
+        for statement in (
+            "INSERT INTO conversations (id, tenant_id, metadata, turn_count, message_count)"
+            " SELECT 'conv_bulk' || g, 'bulk', '{}', 5, 10 FROM generate_series(1, :n) g",
+            "INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation,"
+            " metadata, attempts, cancel_requested)"
+            " SELECT 'job_bulk' || g || '_' || t, 'bulk', 'conv_bulk' || g, t, 'succeeded',"
+            " '{}', '{}', 1, false FROM generate_series(1, :n) g, generate_series(1, 5) t",
+            "INSERT INTO messages (id, conversation_id, job_id, seq, role, content)"
+            " SELECT 'msg_bulk' || g || '_' || s, 'conv_bulk' || g,"
+            " 'job_bulk' || g || '_' || ((s + 1) / 2), s,"
+            " CASE WHEN s % 2 = 1 THEN 'user' ELSE 'assistant' END,"
+            " 'filler words about item ' || repeat(md5(g::text || s::text) || ' ', 8)"
+            " || ' 对话 ' || s"
+            " FROM generate_series(1, :n) g, generate_series(1, 10) s",
+        ):
+            session.execute(text(statement), {"n": conversations})
+    with session_scope() as session:
+        session.execute(text("ANALYZE conversations, jobs, messages"))
+
+
+def test_search_plans_use_the_indexes(api_no_workers: Api, database_url: str) -> None:
+    _bulk_messages(3000)
+    # In the tenant of the 3,000 others: walking its conversations would cost more.
+    english = seed_conversation("bulk", [("zebras are striped horses", None, "failed")])
+    chinese = seed_conversation("bulk", [("请解释实现多轮对话的原理", None, "failed")])
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        for tenant, q, index, expected in (
+            (None, "zebra", "ix_messages_content_fts", english),
+            ("bulk", "striped zebras", "ix_messages_content_fts", english),
+            (None, "多轮对话", "ix_messages_content_trgm", chinese),
+            ("bulk", "实现多轮", "ix_messages_content_trgm", chinese),
+        ):
+            _, plan = explain_service_query(connection, tenant, q, analyze=False)
+            assert index in plan, plan
+            assert "Seq Scan on messages" not in plan, plan
+            assert found_ids(api_no_workers, q=q) == [expected]
+    engine.dispose()
+
+
+def test_a_new_users_session(api: Api) -> None:
+    """Conversations in two tenants (one in Chinese) through real workers: each is found by a
+    word of it, filtered by tenant and date, and exported."""
+    acme, globex = api.create_key("acme"), api.create_key("globex")
+    started = datetime.now(UTC)
+    english = api.submit(acme, message="My printer keeps jamming on thick paper")
+    chinese = api.submit(globex, message="请解释实现多轮对话的原理", system_prompt="用中文回答")
+    for key, job in ((acme, english), (globex, chinese)):
+        assert api.wait(key, job["id"])["status"] == "succeeded"
+    api.wait(
+        acme,
+        api.submit(acme, message="Still jammed", conversation_id=english["conversation_id"])["id"],
+    )
+    assert found_ids(api, q="jam") == [english["conversation_id"]]
+    assert found_ids(api, q="多轮对话") == [chinese["conversation_id"]]
+    assert found_ids(api, tenant="globex") == [chinese["conversation_id"]]
+    assert found_ids(api, since=started.isoformat(), tenant="acme") == [english["conversation_id"]]
+    assert found_ids(api, until=started.isoformat()) == []
+    lines = api.request("GET", "/v1/admin/export", api.admin_key).text.splitlines()
+    exported = {json.loads(line)["conversation_id"]: json.loads(line) for line in lines}
+    assert [m["role"] for m in exported[english["conversation_id"]]["messages"]] == [
+        "user", "assistant", "user", "assistant"
+    ]  # fmt: skip
+    assert exported[chinese["conversation_id"]]["messages"][0] == exported[
+        chinese["conversation_id"]
+    ]["messages"][0] | {"role": "system", "content": "用中文回答"}
