@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from app.admin.retention import enforce_retention
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.models import Conversation, Job, Message
-from celeryconfig import MAINTENANCE_QUEUE
 from tests.integration.test_admin_search import seed_conversation
 
 pytestmark = pytest.mark.integration
@@ -90,27 +90,27 @@ def test_unset_retention_keeps_everything(database_url: str) -> None:
     assert _exists(ancient)
 
 
-def test_beat_schedules_retention_and_a_worker_runs_it(database_url: str, tmp_path: Path) -> None:
+def test_beat_schedules_retention_and_the_io_worker_runs_it(
+    database_url: str, tmp_path: Path, io_workers: Callable[..., subprocess.Popen[bytes]]
+) -> None:
     old, recent = _seed(40), _seed(1)
-    env = {**os.environ, "TRANSCRIPT_RETENTION_DAYS": "30", "RETENTION_INTERVAL_SECONDS": "1"}
-    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
-    command += ["--pool", "solo", "--queues", MAINTENANCE_QUEUE, "--hostname", "test-maint@%h"]
-    command += ["--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-    beat_command = [sys.executable, "-m", "app.cli", "beat", "--data-dir", str(tmp_path)]
-    procs = [subprocess.Popen(command, env=env), subprocess.Popen(beat_command, env=env)]
+    settings = {"TRANSCRIPT_RETENTION_DAYS": "30", "RETENTION_INTERVAL_SECONDS": "1"}
+    worker = io_workers(**settings)
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "beat", "--data-dir", str(tmp_path)],
+        env={**os.environ, **settings},
+    )
     try:
         deadline = time.monotonic() + 120
         while _exists(old):
             assert time.monotonic() < deadline, "retention did not run"
-            assert all(p.poll() is None for p in procs), "the worker or beat exited"
+            assert worker.poll() is None and beat.poll() is None, "the worker or beat exited"
             time.sleep(0.5)
         assert _exists(recent)
-        assert (tmp_path / "celerybeat-schedule").exists() or list(tmp_path.iterdir())
+        assert any(tmp_path.iterdir())  # beat keeps its schedule's state there
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        beat.terminate()
+        try:
+            beat.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            beat.kill()
