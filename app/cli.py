@@ -81,13 +81,14 @@ def io_worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Deliveries at once (threads).")] = 32,
     name: Annotated[str, typer.Option(help="The worker's name in Celery.")] = "parley-io",
 ) -> None:
-    """Run the I/O worker: webhook deliveries and their retry sweep. It never loads the model
-    and needs no GPU; run one or more anywhere that reaches the database and the broker."""
-    from celeryconfig import WEBHOOKS_QUEUE
+    """Run the I/O worker: webhook deliveries and their retry sweep, and maintenance tasks. It
+    never loads the model and needs no GPU; run one or more wherever the database and the
+    broker can be reached."""
+    from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 
     command = [sys.executable, "-m", "celery", "-A", "worker.io_app", "worker"]
     command += ["--pool", "threads", "--concurrency", str(concurrency)]
-    command += ["--queues", WEBHOOKS_QUEUE, "--hostname", f"{name}@%h"]
+    command += ["--queues", f"{WEBHOOKS_QUEUE},{MAINTENANCE_QUEUE}", "--hostname", f"{name}@%h"]
     command += ["--without-gossip", "--without-mingle"]
     command += ["--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
     os.execv(sys.executable, command)  # noqa: S606
