@@ -30,5 +30,10 @@ test: lint
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
+# The benchmarks of the docs' benchmarks.md: each prints its figures and its baseline's.
+# B5 uses the PostgreSQL of BENCH_DATABASE_URL (default: the one at 127.0.0.1:5432).
+bench: $(STAMP)
+	$(BIN)/python -m bench.b5_transcripts
+
 clean:
 	rm -rf $(VENV) .parley/test .mypy_cache .ruff_cache

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
             raise ValueError("PARLEY_ADMIN_KEY must be at least 20 characters")
         return value
 
+    @field_validator("transcript_retention_days", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Docker Compose passes `${TRANSCRIPT_RETENTION_DAYS:-}` as an empty string when unset.
+        return None if value == "" else value
+
     @field_validator("webhook_allowed_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:

@@ -1,5 +1,5 @@
-"""`parley dev`: the whole service on one machine (API, model worker, I/O worker), in the
-foreground.
+"""`parley dev`: the whole service on one machine (API, model worker, I/O worker, beat), in
+the foreground.
 
 Uses DATABASE_URL and REDIS_URL when they are set; otherwise starts an embedded PostgreSQL
 and Redis with their data under ./.parley/. Builds the tiny model when MODEL_ID is unset.
@@ -102,6 +102,9 @@ def run_dev(*, host: str, port: int) -> int:
         procs = [
             subprocess.Popen([sys.executable, "-m", "worker.gpus", "--gpus", "auto"]),
             subprocess.Popen([sys.executable, "-m", "app.cli", "io-worker", "--concurrency", "8"]),
+            subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "beat", "--data-dir", str(DATA_DIR)]
+            ),
             subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "api", "--host", host, "--port", str(port)]
             ),
