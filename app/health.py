@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from sqlalchemy import text
 
 from app.db import get_engine
 from app.errors import problem_response
+from app.metrics import render
 from app.redis import get_redis, workers_alive
 
 router = APIRouter(tags=["operations"])
@@ -49,4 +50,5 @@ async def readyz() -> Response | dict[str, str]:
 
 @router.get("/metrics", include_in_schema=False)
 def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text: the API's metrics, job counts, and every live worker's metrics."""
+    return Response(render(), media_type=CONTENT_TYPE_LATEST)

@@ -55,5 +55,22 @@ def report_worker_alive(client: redis.Redis, name: str) -> None:
     pipe.execute()
 
 
+def _metrics_key(name: str) -> str:
+    return f"parley:metrics:{name}"
+
+
+def publish_worker_metrics(client: redis.Redis, name: str, text: bytes) -> None:
+    """A worker's metrics snapshot, for the API's /metrics; gone when the worker is."""
+    client.set(_metrics_key(name), text, ex=WORKER_STALE_SECONDS * 2)
+
+
+def worker_metrics(client: redis.Redis) -> dict[str, str]:
+    """The latest snapshot of every live worker, by worker name."""
+    keys = list(client.scan_iter(_metrics_key("*"), count=100))
+    values = client.mget(keys) if keys else []
+    prefix = len(_metrics_key(""))
+    return {str(k)[prefix:]: str(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+
 def workers_alive(client: redis.Redis) -> int:
     return int(client.zcount(WORKERS_KEY, time.time() - WORKER_STALE_SECONDS, "+inf"))

@@ -8,7 +8,8 @@ import time
 from datetime import timedelta
 
 from app.config import get_settings
-from app.redis import get_redis, report_worker_alive
+from app.redis import get_redis, publish_worker_metrics, report_worker_alive
+from worker import metrics
 from worker.tasks.maintenance import reconcile
 
 log = logging.getLogger("parley.worker")
@@ -26,6 +27,7 @@ def _loop(name: str) -> None:
         try:
             client = get_redis()
             report_worker_alive(client, name)
+            publish_worker_metrics(client, name, _metrics_snapshot())
             now = time.monotonic()
             # One worker at a time reconciles: the lock's expiry spaces the runs out.
             if now >= next_reconcile:
@@ -37,6 +39,15 @@ def _loop(name: str) -> None:
         except Exception:
             log.exception("heartbeat/reconcile round failed; retrying")
         _stop.wait(settings.worker_heartbeat_seconds)
+
+
+def _metrics_snapshot() -> bytes:
+    from worker.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is not None:
+        metrics.RUNNING_TURNS.set(runtime.engine.batcher.running)
+    return metrics.snapshot()
 
 
 def start_background(*, name: str) -> None:

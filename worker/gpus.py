@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from app.config import get_settings
 from celeryconfig import TURNS_QUEUE
 
 log = logging.getLogger("parley.gpus")
@@ -82,7 +83,8 @@ def worker_spec(gpu: str | None, *, gpu_count: int, name: str | None = None) -> 
         "--pool",
         "threads",
         "--concurrency",
-        "1",
+        # One Celery thread per turn the batch can hold: each waits on its turn's generation.
+        str(get_settings().worker_max_batch),
         "--queues",
         TURNS_QUEUE,
         "--hostname",

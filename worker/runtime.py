@@ -12,6 +12,7 @@ from app.context.store import ContextStore
 from app.redis import get_redis
 from worker.inference.engine import Engine
 from worker.inference.loader import LoadedModel, load_model
+from worker.metrics import observe_step
 
 log = logging.getLogger("parley.worker")
 
@@ -25,6 +26,10 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+
+
+def current_runtime() -> Runtime | None:
+    return _runtime
 
 
 def start_runtime() -> Runtime:
@@ -45,7 +50,7 @@ def start_runtime() -> Runtime:
         _runtime = Runtime(
             settings=settings,
             model=model,
-            engine=Engine(model),
+            engine=Engine(model, max_batch=settings.worker_max_batch, on_step=observe_step),
             context=ContextStore(
                 get_redis(),
                 ttl_seconds=settings.context_ttl_seconds,

@@ -8,7 +8,8 @@ forbids a second one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
@@ -18,6 +19,7 @@ from app.jobs import lifecycle
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
 from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
+from worker import metrics
 from worker.celery_app import app
 from worker.inference.engine import GenerationParams, GenerationResult
 from worker.inference.prompt import ChatMessage, PromptTooLong, build_prompt
@@ -37,6 +39,7 @@ class Turn:
     message: str
     context: Context
     params: GenerationParams
+    claimed_at: float = field(default_factory=time.monotonic)
 
 
 class TurnFailed(Exception):
@@ -82,6 +85,8 @@ def _claim(runtime: Runtime, job_id: str) -> Turn | None:
         context = runtime.context.load(
             session, conversation_id=job.conversation_id, before_turn=job.turn
         )
+        if job.started_at is not None:
+            metrics.QUEUE_WAIT.observe((job.started_at - job.created_at).total_seconds())
         gen = job.generation
         turn = Turn(
             claim=claim,
@@ -161,7 +166,9 @@ def _finish(runtime: Runtime, turn: Turn, result: GenerationResult, context_mess
     if succeeded:
         added = [ContextMessage("user", turn.message), ContextMessage("assistant", result.text)]
         runtime.context.extend(turn.conversation_id, turn.context, turn=turn.turn, added=added)
-    _announce(job_id)
+    _ended(turn, "succeeded" if succeeded else "cancelled")
+    if result.time_to_first_token_s is not None:
+        metrics.TIME_TO_FIRST_TOKEN.observe(result.time_to_first_token_s)
     log.info(
         "job %s %s: %d prompt + %d completion tokens (%s)",
         job_id,
@@ -180,6 +187,12 @@ def _finish_failed(turn: Turn, code: str, message: str) -> None:
             return
         lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
     log.warning("job %s failed: %s", turn.claim.job_id, code)
+    _ended(turn, "failed")
+
+
+def _ended(turn: Turn, status: str) -> None:
+    metrics.RUN_TIME.observe(time.monotonic() - turn.claimed_at)
+    metrics.TURNS_ENDED.labels(status).inc()
     _announce(turn.claim.job_id)
 
 
