@@ -39,6 +39,7 @@ SWEEP_BATCH = 500
 @dataclass(frozen=True)
 class AttemptClaim:
     event_id: str
+    job_id: str
     attempt: int
     round_start: int
     tenant_id: str
@@ -67,6 +68,7 @@ def claim_attempt(session: Session, *, event_id: str, lease: timedelta) -> Attem
         )
         .values(attempts=WebhookEvent.attempts + 1, lease_expires_at=now + lease)
         .returning(
+            WebhookEvent.job_id,
             WebhookEvent.attempts,
             WebhookEvent.round_start,
             WebhookEvent.tenant_id,
@@ -77,7 +79,13 @@ def claim_attempt(session: Session, *, event_id: str, lease: timedelta) -> Attem
     if row is None:
         return None
     return AttemptClaim(
-        event_id, int(row.attempts), int(row.round_start), row.tenant_id, row.url, row.payload
+        event_id,
+        row.job_id,
+        int(row.attempts),
+        int(row.round_start),
+        row.tenant_id,
+        row.url,
+        row.payload,
     )
 
 
@@ -161,8 +169,9 @@ def deliver(event_id: str, settings: Settings) -> str | None:
     with session_scope() as session:
         state = record_attempt(session, claim, result, at=at, settings=settings)
     log.info(
-        "webhook %s attempt %d: %s in %d ms -> %s",
+        "webhook %s of job %s, attempt %d: %s in %d ms -> %s",
         event_id,
+        claim.job_id,
         claim.attempt,
         result.status_code if result.error is None else result.error,
         result.duration_ms,
