@@ -110,7 +110,9 @@ def beat(
 ) -> None:
     """Run the scheduler of periodic tasks (Celery beat): transcript retention. Run exactly one."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat"]
+    # The I/O worker's app: beat imports the apps' task modules, and the model worker's would
+    # load torch for nothing.
+    command = [sys.executable, "-m", "celery", "-A", "worker.io_app", "beat"]
     command += ["--schedule", str(data_dir / "celerybeat-schedule")]
     command += ["--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
     os.execv(sys.executable, command)  # noqa: S606
