@@ -42,7 +42,7 @@ def alembic_upgrade(database_url: str | None = None) -> None:
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(config, "heads")
+    command.upgrade(config, "head")
 
 
 @cli.command()
@@ -57,12 +57,14 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the HTTP API."""
     import uvicorn
 
+    # Requests are logged by Parley's own middleware, with their request ids.
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=host,
         port=port,
-        log_level="info",
+        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
+        access_log=False,
         proxy_headers=True,
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "time", "cancelled"]
@@ -34,4 +34,5 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: FinishReason
     # From reaching the engine to the first generated token; None when none was generated.
-    time_to_first_token_s: float | None = None
+    # A measurement, not part of what was generated: equal results may differ in it.
+    time_to_first_token_s: float | None = field(default=None, compare=False)

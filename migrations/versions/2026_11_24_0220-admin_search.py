@@ -1,7 +1,7 @@
 """admin search: full-text and trigram indexes on messages, list and stats indexes
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-24 02:10:00
 
 pg_trgm is a trusted extension (PostgreSQL 13+): a database owner may create it. Its
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
