@@ -1,0 +1,89 @@
+"""B2 Turn overhead: end to end with the tiny model.
+
+20 conversations of 20 turns each, every conversation submitting its next turn when the
+previous one has ended. Reports turns/s and p50/p95 end-to-end latency, and the model's own
+time per turn, measured alone in the same run on the same prompts (one `generate` call each).
+Target: at least 150 turns/s, and a p50 under 60 ms above the model's own time.
+
+Run: python -m bench.b2_turn_overhead
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import datetime
+
+import torch
+
+from bench.conversations import hold_conversations, transcript
+from bench.stack import Stack, percentile, say
+from worker.inference.loader import load_model
+from worker.inference.prompt import ChatMessage, build_prompt
+
+CONVERSATIONS, TURNS, NEW_TOKENS = 20, 20, 16
+
+
+def model_time_per_turn(model_path: str, messages: list[dict[str, str]]) -> float:
+    """The model alone: one greedy `generate` per turn of a real transcript, one at a time."""
+    loaded = load_model(model_path)
+    times = []
+    for turn in range(0, len(messages), 2):
+        prompt = build_prompt(
+            loaded.tokenizer,
+            system_prompt=None,
+            history=[ChatMessage(m["role"], m["content"]) for m in messages[:turn]],
+            message=messages[turn]["content"],
+            max_context_tokens=loaded.max_context_tokens,
+            max_new_tokens=NEW_TOKENS,
+        )
+        ids = torch.tensor([prompt.input_ids], device=loaded.device)
+        with torch.inference_mode():
+            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4)
+            started = time.perf_counter()
+            loaded.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=loaded.tokenizer.pad_token_id,
+            )
+            times.append(time.perf_counter() - started)
+    return statistics.mean(times)
+
+
+def _seconds(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
+
+
+def main() -> None:
+    with Stack("b2", model="tiny") as stack:
+        key = stack.create_key("bench")
+        say(f"B2: {CONVERSATIONS} conversations x {TURNS} turns of {NEW_TOKENS} tokens, tiny model")
+        generation = {"max_new_tokens": NEW_TOKENS}
+        hold_conversations(stack.base_url, key, conversations=4, turns=2, generation=generation)
+        records, wall = hold_conversations(
+            stack.base_url, key, conversations=CONVERSATIONS, turns=TURNS, generation=generation
+        )
+        messages = transcript(stack.base_url, key, records[0][-1].job["conversation_id"])
+        model_s = model_time_per_turn(str(stack.model), messages)
+    latencies = [r.latency_s for conversation in records for r in conversation]
+    turns_per_s = len(latencies) / wall
+    p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
+    overhead = p50 - model_s
+    say(f"  turns: {len(latencies)} in {wall:.1f} s = {turns_per_s:.1f} turns/s (target >= 150)")
+    say(f"  end-to-end latency: p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
+    say(f"  model alone, one generate per turn: {model_s * 1000:.1f} ms")
+    say(f"  p50 above the model's own time: {overhead * 1000:.1f} ms (target < 60 ms)")
+    say(f"  ratio p50 / model time: {p50 / model_s:.2f}x")
+    jobs = [r.job for conversation in records for r in conversation]
+    for label, begin, end in (
+        ("queued (accepted -> started)", "created_at", "started_at"),
+        ("running (started -> ended)", "started_at", "finished_at"),
+    ):
+        spans = [_seconds(job[end]) - _seconds(job[begin]) for job in jobs]
+        say(f"  {label}: p50 {percentile(spans, 0.5) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
