@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     generation_time_limit_seconds: float = Field(default=120.0, gt=0)
     # Turns generated together by one worker process (its batch), and so its Celery threads.
     worker_max_batch: int = Field(default=16, ge=1, le=512)
+    # Memory a worker keeps conversations' key/value caches in, for their next turns (0: off).
+    worker_prefix_cache_mb: int = Field(default=1024, ge=0)
     max_turn_attempts: int = Field(default=3, ge=1)
     max_unfinished_jobs_per_tenant: int = Field(default=1000, ge=1)
     # Requests per minute for one API key; 0 turns the limit off.

@@ -81,6 +81,15 @@ def padded_batch(loaded: LoadedModel, prompts: list[list[int]]) -> float:
     return _generated(out, width, set(loaded.tokenizer.all_special_ids)) / elapsed
 
 
+def _engine_counters(stack: Stack) -> tuple[float, float, float]:
+    """Decoding steps, turns advanced (summed over steps), and seconds spent stepping."""
+    return (
+        stack.worker_metric("parley_worker_batch_size_count"),
+        stack.worker_metric("parley_worker_batch_size_sum"),
+        stack.worker_metric("parley_worker_step_seconds_sum"),
+    )
+
+
 def main() -> None:
     loaded = load_model(str(model_dir("small")))
     prompts = _first_prompts(loaded)
@@ -96,14 +105,23 @@ def main() -> None:
         key = stack.create_key("bench")
         generation = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
         hold_conversations(stack.base_url, key, conversations=2, turns=1, generation=generation)
+        before = _engine_counters(stack)
         records, wall = hold_conversations(
             stack.base_url, key, conversations=CONVERSATIONS, turns=TURNS, generation=generation
         )
+        time.sleep(2)  # the workers' next heartbeat publishes their metrics
+        after = _engine_counters(stack)
     tokens = sum(r.job["usage"]["completion_tokens"] for c in records for r in c)
     end_to_end = tokens / wall
     say(f"  end to end: {tokens} tokens in {wall:.1f} s = {end_to_end:.1f} tokens/s")
     say(f"  ratio to (a): {end_to_end / baseline_a:.2f}x (target >= 6x)")
     say(f"  ratio to (b): {end_to_end / baseline_b:.0%} (target >= 90%)")
+    steps, rows, seconds = (a - b for a, b in zip(after, before, strict=True))
+    if steps:
+        say(
+            f"  engine: {steps:.0f} steps, {rows / steps:.1f} turns a step on average, "
+            f"{seconds / steps * 1000:.0f} ms a step"
+        )
 
 
 if __name__ == "__main__":

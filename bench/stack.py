@@ -120,6 +120,15 @@ class Stack:
             time.sleep(0.3)
         raise RuntimeError(f"the stack was not ready within {timeout}s")
 
+    def worker_metric(self, name: str) -> float:
+        """The sum over workers of a metric sample on the API's /metrics (0 when absent)."""
+        text = httpx.get(self.base_url + "/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and 'worker="' in line
+        )
+
     def create_key(self, tenant: str) -> str:
         answer = httpx.post(
             self.base_url + "/v1/admin/keys",

@@ -83,8 +83,9 @@ def worker_spec(gpu: str | None, *, gpu_count: int, name: str | None = None) -> 
         "--pool",
         "threads",
         "--concurrency",
-        # One Celery thread per turn the batch can hold: each waits on its turn's generation.
-        str(get_settings().worker_max_batch),
+        # Each Celery thread waits on its turn's generation: twice as many threads as the batch
+        # holds lets the next turns claim and build their prompts while the batch runs.
+        str(2 * get_settings().worker_max_batch),
         "--queues",
         TURNS_QUEUE,
         "--hostname",

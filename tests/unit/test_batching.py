@@ -168,3 +168,32 @@ def test_time_cap_inside_a_batch(loaded: LoadedModel, prompts: list[Prompt]) -> 
     results = _together(engine, prompts, params)
     assert results[0].finish_reason == "time"
     assert all(r.finish_reason in ("length", "stop") for r in results[1:])
+
+
+def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
+    loaded: LoadedModel,
+) -> None:
+    """Turn after turn of one conversation: the next prompt starts with the previous prompt
+    and reply, so only the rest is prefilled; greedy output is what a cold engine gives."""
+    warm = Engine(loaded, max_batch=4, prefix_cache_bytes=64 * 2**20)
+    cold = Engine(loaded, max_batch=4)
+    history: list[ChatMessage] = []
+    for turn in range(6):
+        message = f"Turn {turn}: and what happened next?"
+        prompt = build_prompt(
+            loaded.tokenizer,
+            system_prompt="Be brief.",
+            history=history,
+            message=message,
+            max_context_tokens=loaded.max_context_tokens,
+            max_new_tokens=24,
+        )
+        params = GenerationParams(max_new_tokens=24)
+        reused = warm.generate(prompt, params, prefix_key="conv_1")
+        fresh = cold.generate(prompt, params)
+        assert reused.text == fresh.text
+        assert reused.completion_tokens == fresh.completion_tokens
+        history += [ChatMessage("user", message), ChatMessage("assistant", reused.text)]
+    cache = warm.batcher.prefix_cache
+    assert cache is not None
+    assert cache.hits >= 4, (cache.hits, cache.misses)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from worker.inference.engine_types import FinishReason, GenerationParams
+from worker.inference.prefix_cache import PrefixCache, PrefixHit
 
 log = logging.getLogger("parley.batcher")
 
@@ -37,6 +38,8 @@ class Turn:
     input_ids: list[int]
     params: GenerationParams
     max_new_tokens: int
+    # The conversation: its key/value cache is kept for its next turn (prefix_cache.py).
+    prefix_key: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -74,6 +77,7 @@ class ContinuousBatcher:
         max_batch: int,
         stop_check: StopCheck | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._model = model
         self._device = torch.device(device)
@@ -82,6 +86,7 @@ class ContinuousBatcher:
         self.max_batch = max_batch
         self._stop_check = stop_check
         self._on_step = on_step
+        self.prefix_cache = prefix_cache
         self._waiting: queue.SimpleQueue[Turn] = queue.SimpleQueue()
         # The batch as it stands between steps.
         self._active: list[Turn] = []
@@ -126,9 +131,42 @@ class ContinuousBatcher:
                 new.append(self._waiting.get_nowait())
             except queue.Empty:
                 break
-        new = [t for t in new if not self._ends_before_start(t)]
-        if new:
-            self._join(*self._prefill(new), new)
+        cold: list[Turn] = []
+        for turn in new:
+            if self._ends_before_start(turn):
+                continue
+            hit = self._cached_prefix(turn)
+            if hit is None:
+                cold.append(turn)
+            else:
+                self._join(*self._prefill_after(turn, hit), [turn])
+        for group in _similar_lengths(cold):
+            self._join(*self._prefill(group), group)
+
+    def _cached_prefix(self, turn: Turn) -> PrefixHit | None:
+        if self.prefix_cache is None or turn.prefix_key is None:
+            return None
+        return self.prefix_cache.lookup(turn.prefix_key, turn.input_ids)
+
+    @torch.inference_mode()
+    def _prefill_after(self, turn: Turn, hit: PrefixHit) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Prefill only the tokens that follow the cached prefix."""
+        self._seed(turn)
+        total = len(turn.input_ids)
+        ids = torch.tensor([turn.input_ids[hit.shared :]], device=self._device)
+        mask = torch.ones((1, total), dtype=torch.long, device=self._device)
+        out = self._model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=torch.arange(hit.shared, total, device=self._device)[None, :],
+            past_key_values=DynamicCache(hit.layers),
+            use_cache=True,
+        )
+        return out.past_key_values, mask, out.logits[:, -1, :].float()
+
+    def _seed(self, turn: Turn) -> None:
+        if turn.params.temperature > 0 and turn.params.seed is not None:
+            turn.generator = torch.Generator(self._device).manual_seed(turn.params.seed)
 
     def _ends_before_start(self, turn: Turn) -> bool:
         reason: FinishReason | None = None
@@ -149,8 +187,7 @@ class ContinuousBatcher:
         for row, turn in enumerate(turns):
             ids[row, width - len(turn.input_ids) :] = torch.tensor(turn.input_ids)
             mask[row, width - len(turn.input_ids) :] = 1
-            if turn.params.temperature > 0 and turn.params.seed is not None:
-                turn.generator = torch.Generator(self._device).manual_seed(turn.params.seed)
+            self._seed(turn)
         ids, mask = ids.to(self._device), mask.to(self._device)
         out = self._model(
             input_ids=ids,
@@ -200,6 +237,8 @@ class ContinuousBatcher:
             if reason is None:
                 keep.append(row)
             else:
+                if reason != "cancelled":
+                    self._keep_prefix(row, turn)
                 turn.finish_reason = reason
                 turn.done.set()
         stepped = len(self._active)
@@ -224,6 +263,19 @@ class ContinuousBatcher:
             self._cache, self._logits = out.past_key_values, out.logits[:, -1, :].float()
         if self._on_step is not None:
             self._on_step(StepStats(stepped, stepped, time.perf_counter() - started))
+
+    def _keep_prefix(self, row: int, turn: Turn) -> None:
+        """Store the row's keys and values (prompt and reply but the last token, which was
+        sampled and never run through the model) for the conversation's next turn."""
+        if self.prefix_cache is None or turn.prefix_key is None or self._mask is None:
+            return
+        length = int(self._mask[row].sum())
+        layers = [
+            (k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone())
+            for k, v in _layers(self._cache)
+        ]
+        ids = turn.input_ids + turn.generated[:-1]
+        self.prefix_cache.store(turn.prefix_key, ids[:length], layers)
 
     def _finish_reason(self, turn: Turn, token: int, now: float) -> FinishReason | None:
         if turn.cancel.is_set():
@@ -268,6 +320,18 @@ def _sample_row(
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _similar_lengths(turns: list[Turn]) -> list[list[Turn]]:
+    """Turns grouped for prefill so that padding wastes little: a prompt of 900 tokens and
+    one of 50 are prefilled apart, prompts of 40 and 50 together."""
+    groups: list[list[Turn]] = []
+    for turn in sorted(turns, key=lambda t: len(t.input_ids)):
+        if groups and len(turn.input_ids) <= 1.25 * len(groups[-1][0].input_ids) + 16:
+            groups[-1].append(turn)
+        else:
+            groups.append([turn])
+    return groups
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,7 @@ from typing import Any
 from worker.inference.batcher import ContinuousBatcher, StepStats, Turn
 from worker.inference.engine_types import FinishReason, GenerationParams, GenerationResult
 from worker.inference.loader import LoadedModel
+from worker.inference.prefix_cache import PrefixCache
 from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt
 
 __all__ = ["Engine", "FinishReason", "GenerationParams", "GenerationResult", "decode_reply"]
@@ -33,6 +34,7 @@ class Engine:
         *,
         max_batch: int = 16,
         on_step: Callable[[StepStats], None] | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.loaded = loaded
         tokenizer = loaded.tokenizer
@@ -57,6 +59,7 @@ class Engine:
             max_batch=max_batch,
             stop_check=self._wrote_role_marker if self._text_markers else None,
             on_step=on_step,
+            prefix_cache=PrefixCache(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None,
         )
 
     def generate(
@@ -65,8 +68,10 @@ class Engine:
         params: GenerationParams,
         *,
         should_cancel: Callable[[], bool] = lambda: False,
+        prefix_key: str | None = None,
     ) -> GenerationResult:
-        """Generate the reply to ``prompt``; ``should_cancel`` is polled while it runs."""
+        """Generate the reply to ``prompt``; ``should_cancel`` is polled while it runs.
+        Turns of one conversation share ``prefix_key``: each reuses the cache of the last."""
         prompt_tokens = len(prompt.input_ids)
         room = self.loaded.max_context_tokens - prompt_tokens
         if prompt_tokens == 0:
@@ -76,7 +81,9 @@ class Engine:
         # A turn cancelled while it waited for the model costs nothing more.
         if should_cancel():
             return GenerationResult("", prompt_tokens, 0, "cancelled")
-        turn = Turn(list(prompt.input_ids), params, min(params.max_new_tokens, room))
+        turn = Turn(
+            list(prompt.input_ids), params, min(params.max_new_tokens, room), prefix_key=prefix_key
+        )
         self.batcher.submit(turn)
         while not turn.done.wait(CANCEL_CHECK_INTERVAL_S):
             if not turn.cancel.is_set() and should_cancel():

@@ -127,7 +127,10 @@ def _generate(runtime: Runtime, turn: Turn) -> tuple[GenerationResult, int]:
         ) from exc
     redis = get_redis()
     result = runtime.engine.generate(
-        prompt, turn.params, should_cancel=lambda: cancel_requested(redis, turn.claim.job_id)
+        prompt,
+        turn.params,
+        should_cancel=lambda: cancel_requested(redis, turn.claim.job_id),
+        prefix_key=turn.conversation_id,
     )
     return result, prompt.context_messages
 

@@ -1,0 +1,80 @@
+"""Reuse of a conversation's key/value cache from one turn to the next.
+
+A turn's prompt is the previous turn's prompt and reply plus the new message, so most of it
+was already run through the model when the previous turn was generated. The batcher keeps
+each finished turn's cache, keyed by conversation, and the next turn prefills only what
+follows the longest common prefix of token ids. Least recently used entries are dropped to
+stay within a memory budget. A turn that lands on another worker, or whose window dropped
+old turns, misses and is prefilled whole: the result is the same, only slower.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+# Below this many shared tokens a hit saves less than it costs to set up.
+MIN_SHARED_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class _Entry:
+    ids: list[int]
+    layers: Layers  # per layer (keys, values), [1, heads, len(ids), head_dim]
+    size: int
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    shared: int  # leading tokens of the prompt whose keys and values are in `layers`
+    layers: Layers
+
+
+class PrefixCache:
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, key: str, ids: list[int]) -> PrefixHit | None:
+        """The cached prefix of `ids`, leaving at least one token to prefill (for its logits)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        shared = 0 if entry is None else _common_prefix(entry.ids, ids, limit=len(ids) - 1)
+        if entry is None or shared < MIN_SHARED_TOKENS:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return PrefixHit(shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in entry.layers])
+
+    def store(self, key: str, ids: list[int], layers: Layers) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._entries[key] = _Entry(ids, layers, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.size
+
+
+def _common_prefix(a: list[int], b: list[int], *, limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
