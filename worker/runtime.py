@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -39,10 +38,6 @@ def start_runtime() -> Runtime:
         settings = get_settings()
         if not settings.model_id:
             raise RuntimeError("MODEL_ID is not set: a worker needs a model to serve")
-        # The batcher thread releases the GIL around every tensor operation and must win it
-        # back from the task threads each time; a short switch interval keeps it from
-        # queueing behind them for the default 5 ms on each of hundreds of operations a step.
-        sys.setswitchinterval(0.0002)
         started = time.perf_counter()
         model = load_model(settings.model_id)
         log.info(
