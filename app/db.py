@@ -32,8 +32,12 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=20,
-        pool_pre_ping=True,
+        # Up to the API's threadpool (40 threads), each of which may hold one connection.
+        max_overflow=30,
+        # No ping before each checkout (a round trip per request): a connection the server
+        # dropped fails its statement, SQLAlchemy then discards the whole pool, and the
+        # request is answered 503 (app.errors) while the next one reconnects.
+        pool_pre_ping=False,
         # Fail fast instead of hanging a request when the database is gone.
         connect_args={"connect_timeout": 5},
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, authenticate
@@ -16,17 +17,31 @@ from app.db import get_sessionmaker
 from app.errors import ProblemError
 from app.redis import get_redis
 
+# Requests holding a session at once: fewer than the connection pool holds (see below).
+SESSION_SLOTS = 30
 
-def get_session() -> Iterator[Session]:
-    """One session per request; the route commits, anything raised rolls back."""
-    session = get_sessionmaker()()
-    try:
-        yield session
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request; the route commits, anything raised rolls back.
+
+    A sync route runs in the threadpool, and FastAPI validates its answer in another
+    threadpool call, so a request's session can hold a connection while the request waits
+    for a thread. Unbounded, under load every thread could be waiting for a connection held
+    by requests waiting for a thread: a deadlock until the pool's timeout. So at most
+    SESSION_SLOTS requests hold a session at once (fewer than the pool's connections and the
+    threadpool's threads), every other use of a connection by a request takes a slot too,
+    and the session is closed here, on the event loop, needing no thread. Requests beyond
+    the slots wait here, holding nothing.
+    """
+    async with request.app.state.session_slots:
+        session = get_sessionmaker()()
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -71,11 +86,21 @@ def _enforce_rate_limit(principal: Principal, settings: Settings) -> None:
         )
 
 
-def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
-    principal = authenticate(session, secret=_bearer(request))
+def _authenticate(secret: str, settings: Settings) -> Principal:
+    with get_sessionmaker()() as session:
+        principal = authenticate(session, secret=secret)
     if principal is None:
         raise ProblemError(401, "The API key is unknown or revoked.", headers=_UNAUTHORIZED_HEADERS)
     _enforce_rate_limit(principal, settings)
+    return principal
+
+
+async def current_principal(request: Request, settings: SettingsDep) -> Principal:
+    # Under a session slot, like every use of a connection from a request, and with a
+    # session of its own closed within one thread call (see get_session).
+    secret = _bearer(request)
+    async with request.app.state.session_slots:
+        principal = await run_in_threadpool(_authenticate, secret, settings)
     request.state.principal = principal
     return principal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
 from app.conversations.router import router as conversations_router
 from app.db import session_scope
+from app.deps import SESSION_SLOTS
 from app.errors import install_error_handlers
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
@@ -34,6 +36,7 @@ def _bootstrap() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging()
     await run_in_threadpool(_bootstrap)
+    app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
     waiter = JobWaiter(get_settings().redis_url)
     app.state.job_waiter = waiter
     await waiter.start()

@@ -99,7 +99,7 @@ class Stack:
             redis.Redis.from_url(url).flushdb()
         alembic_upgrade(self.env["DATABASE_URL"])
         api = [sys.executable, "-m", "app.cli", "api", "--port", str(self.port)]
-        self.procs.append(subprocess.Popen(api, env=self.env, stderr=subprocess.DEVNULL))
+        self.procs.append(subprocess.Popen(api, env=self.env))
         if self.with_workers:
             worker = [sys.executable, "-m", "worker.gpus", "--gpus", "auto"]
             self.procs.append(subprocess.Popen(worker, env=self.env))

@@ -71,6 +71,13 @@ def _read_job(tenant_id: str, job_id: str) -> JobOut:
         )
 
 
+async def _read_job_slotted(request: Request, tenant_id: str, job_id: str) -> JobOut:
+    # A connection is used under a session slot (see app.deps.get_session); a waiting
+    # request holds none between its reads.
+    async with request.app.state.session_slots:
+        return await run_in_threadpool(_read_job, tenant_id, job_id)
+
+
 def _requested_wait(prefer: str | None, limit: int) -> int | None:
     match = _WAIT.search(f" {prefer} ") if prefer else None
     return None if match is None else min(int(match.group(1)), limit)
@@ -88,14 +95,14 @@ async def read_job(
     """The job's state. `Prefer: wait=N` holds the answer until the job ends or N seconds pass."""
     wait = _requested_wait(prefer, settings.max_wait_seconds)
     if not wait:
-        return await run_in_threadpool(_read_job, principal.tenant_id, job_id)
+        return await _read_job_slotted(request, principal.tenant_id, job_id)
     response.headers["Preference-Applied"] = f"wait={wait}"
     waiter: JobWaiter = request.app.state.job_waiter
     deadline = time.monotonic() + wait
     event = waiter.subscribe(job_id)
     try:
         while True:
-            job = await run_in_threadpool(_read_job, principal.tenant_id, job_id)
+            job = await _read_job_slotted(request, principal.tenant_id, job_id)
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL or remaining <= 0:
                 return job
