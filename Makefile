@@ -33,6 +33,9 @@ unit: $(STAMP)
 # The benchmarks of the docs' benchmarks.md: each prints its figures and its baseline's.
 # B5 uses the PostgreSQL of BENCH_DATABASE_URL (default: the one at 127.0.0.1:5432).
 bench: $(STAMP)
+	$(BIN)/python -m bench.b1_submit
+	$(BIN)/python -m bench.b2_turn_overhead
+	$(BIN)/python -m bench.b3_model_throughput
 	$(BIN)/python -m bench.b5_transcripts
 
 clean:
