@@ -61,6 +61,17 @@ def start_worker(name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(spec.command, env=spec.env)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Warm shutdown for all at once (SIGTERM), then a kill for any that lingers."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def wait_for_workers(client: redis.Redis, count: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while workers_alive(client) < count:
@@ -80,13 +91,7 @@ def workers(
         wait_for_workers(redis_client, 2)
         yield procs
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
 
 
 def start_io_worker(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -109,13 +114,7 @@ def io_workers(
     try:
         yield start
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
 
 
 @pytest.fixture(scope="session")
