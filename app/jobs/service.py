@@ -99,6 +99,10 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
     conversation.message_count += 1
     conversation.updated_at = now
     turn = conversation.turn_count
+    # Decided before the insert, so that the job is written once, already dispatched.
+    is_next = turn == 1 or not lifecycle.has_earlier_unfinished(
+        session, conversation_id=conversation.id, turn=turn
+    )
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
@@ -113,6 +117,8 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
         created_at=now,
     )
     session.add(job)
+    if is_next:
+        lifecycle.dispatch(session, job)
     session.flush()
     session.add(
         Message(
@@ -125,10 +131,6 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
             created_at=now,
         )
     )
-    if turn == 1 or not lifecycle.has_earlier_unfinished(
-        session, conversation_id=conversation.id, turn=turn
-    ):
-        lifecycle.dispatch(session, job)
     session.flush()
     return job
 
