@@ -14,6 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from app.config import get_settings, next_redis_database
 from app.redis import WORKERS_KEY, workers_alive
@@ -132,8 +133,17 @@ def _clean(request: pytest.FixtureRequest) -> None:
         return
     url = request.getfixturevalue("database_url")
     engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {TABLES} CASCADE"))
+    # A worker may still be ending an earlier test's turn: its row locks and TRUNCATE's table
+    # locks can meet in a deadlock, which PostgreSQL breaks by failing one; try again.
+    for attempt in range(5):
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"TRUNCATE {TABLES} CASCADE"))
+            break
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
     engine.dispose()
     client = request.getfixturevalue("redis_client")
     for key in client.scan_iter("parley:context:*"):
