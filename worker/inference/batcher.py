@@ -13,6 +13,7 @@ written here on the model's forward pass and its DynamicCache.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -87,7 +88,9 @@ class ContinuousBatcher:
         self._stop_check = stop_check
         self._on_step = on_step
         self.prefix_cache = prefix_cache
-        self._waiting: queue.SimpleQueue[Turn] = queue.SimpleQueue()
+        # None wakes the loop to stop.
+        self._waiting: queue.SimpleQueue[Turn | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
         # The batch as it stands between steps.
         self._active: list[Turn] = []
         # A transformers DynamicCache (typed Any: its layer classes are partly annotated).
@@ -96,6 +99,9 @@ class ContinuousBatcher:
         self._logits: torch.Tensor | None = None
         self._thread = threading.Thread(target=self._run, name="parley-batcher", daemon=True)
         self._thread.start()
+        # The loop must end before the interpreter does: a thread still inside torch at exit
+        # aborts the process.
+        atexit.register(self.stop)
 
     @property
     def running(self) -> int:
@@ -104,10 +110,16 @@ class ContinuousBatcher:
     def submit(self, turn: Turn) -> None:
         self._waiting.put(turn)
 
+    def stop(self) -> None:
+        """End the loop; turns still in flight fail (their jobs are retried elsewhere)."""
+        self._stopping.set()
+        self._waiting.put(None)
+        self._thread.join(timeout=10)
+
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 self._admit(block=not self._active)
                 if self._active:
@@ -118,19 +130,31 @@ class ContinuousBatcher:
                     turn.error = exc
                     turn.done.set()
                 self._reset()
+        stopped = RuntimeError("the engine stopped")
+        for turn in self._active:
+            turn.error = stopped
+            turn.done.set()
+        self._reset()
 
     def _reset(self) -> None:
         self._active, self._cache, self._mask, self._logits = [], None, None, None
 
     def _admit(self, *, block: bool) -> None:
         new: list[Turn] = []
+        waiting: Turn | None
         if block:
-            new.append(self._waiting.get())
+            waiting = self._waiting.get()
+            if waiting is None:
+                return
+            new.append(waiting)
         while len(self._active) + len(new) < self.max_batch:
             try:
-                new.append(self._waiting.get_nowait())
+                waiting = self._waiting.get_nowait()
             except queue.Empty:
                 break
+            if waiting is None:
+                break
+            new.append(waiting)
         cold: list[Turn] = []
         for turn in new:
             if self._ends_before_start(turn):
