@@ -30,8 +30,9 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     by requests waiting for a thread: a deadlock until the pool's timeout. So at most
     SESSION_SLOTS requests hold a session at once (fewer than the pool's connections and the
     threadpool's threads), every other use of a connection by a request takes a slot too,
-    and the session is closed here, on the event loop, needing no thread. Requests beyond
-    the slots wait here, holding nothing.
+    and the session is closed here, on the event loop, needing no thread (closing is one
+    short ROLLBACK round trip, which briefly blocks the loop). Requests beyond the slots
+    wait here, holding nothing.
     """
     async with request.app.state.session_slots:
         session = get_sessionmaker()()

@@ -55,9 +55,15 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (jobs_router, conversations_router, keys_router, admin_router, health_router):
+    for router in (
+        jobs_router,
+        conversations_router,
+        webhooks_router,
+        keys_router,
+        admin_router,
+        health_router,
+    ):
         app.include_router(router)
-    app.include_router(webhooks_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.ids import new_id
@@ -13,8 +14,12 @@ from app.ids import new_id
 log = logging.getLogger("parley.access")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from inside the body's reading: FastAPI re-raises an HTTPException from there
+    (any other error becomes its own 400), and Parley's handler answers it as problem+json."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body exceeds {limit} bytes.")
 
 
 async def _send_413(send: Send, limit: int) -> None:
@@ -69,7 +74,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:

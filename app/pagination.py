@@ -34,9 +34,20 @@ def encode_cursor(values: list[Any]) -> str:
 
 
 def _typed(value: Any, kind: type) -> Any:
+    if isinstance(value, str) and not _storable(value):
+        return None
     if kind is datetime:
         return datetime.fromisoformat(value) if isinstance(value, str) else None
     return value if type(value) is kind else None
+
+
+def _storable(value: str) -> bool:
+    # What PostgreSQL can compare: no NUL, and valid Unicode (no lone surrogates).
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> list[Any] | None:

@@ -29,6 +29,11 @@ class Principal:
     def is_admin(self) -> bool:
         return self.scope is Scope.admin
 
+    @property
+    def readable_tenant(self) -> str | None:
+        """The tenant whose objects this key may read by id; None: every tenant (operators)."""
+        return None if self.is_admin else self.tenant_id
+
 
 def hash_key(secret: str) -> str:
     # Keys are 256-bit random values, so a fast digest is enough: there is nothing to brute-force.

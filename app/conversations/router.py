@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+
+import redis
 from fastapi import APIRouter, Response
 
 from app.context.store import ContextStore
@@ -29,7 +32,7 @@ def read_conversation(
 ) -> ConversationOut:
     return service.to_out(
         service.get_conversation(
-            session, tenant_id=principal.tenant_id, conversation_id=conversation_id
+            session, tenant_id=principal.readable_tenant, conversation_id=conversation_id
         )
     )
 
@@ -44,7 +47,7 @@ def list_messages(
 ) -> Page[MessageOut]:
     """The transcript, oldest first. The system prompt is the conversation's, not listed here."""
     conversation = service.get_conversation(
-        session, tenant_id=principal.tenant_id, conversation_id=conversation_id
+        session, tenant_id=principal.readable_tenant, conversation_id=conversation_id
     )
     data, next_cursor = service.list_messages(
         session, conversation_id=conversation.id, limit=limit, cursor=cursor
@@ -59,15 +62,20 @@ def delete_conversation(
     """Delete the conversation with its messages, jobs and cached context; unfinished jobs
     are cancelled first."""
     conversation = service.get_conversation(
-        session, tenant_id=principal.tenant_id, conversation_id=conversation_id
+        session, tenant_id=principal.readable_tenant, conversation_id=conversation_id
     )
     running = service.delete_conversation(session, conversation=conversation)
     session.commit()
-    client = get_redis()
-    for job_id in running:
-        request_cancel(client, job_id)
-        announce_job_ended(client, job_id)
-    ContextStore(
-        client, ttl_seconds=settings.context_ttl_seconds, max_messages=settings.context_max_messages
-    ).delete(conversation_id)
+    # Deleted in PostgreSQL; what follows only tidies Redis (the cached context expires
+    # anyway, and a stopped worker's end finds no job to store).
+    with contextlib.suppress(redis.RedisError):
+        client = get_redis()
+        for job_id in running:
+            request_cancel(client, job_id)
+            announce_job_ended(client, job_id)
+        ContextStore(
+            client,
+            ttl_seconds=settings.context_ttl_seconds,
+            max_messages=settings.context_max_messages,
+        ).delete(conversation_id)
     return Response(status_code=204)

@@ -15,11 +15,15 @@ from app.models import UNFINISHED, Conversation, Job, JobStatus, Message
 from app.pagination import decode_cursor, split_page
 
 
-def get_conversation(session: Session, *, tenant_id: str, conversation_id: str) -> Conversation:
+def get_conversation(
+    session: Session, *, tenant_id: str | None, conversation_id: str
+) -> Conversation:
+    """The conversation, if it exists and (unless `tenant_id` is None, for admins) is the
+    tenant's: another tenant's is answered like one that does not exist."""
     conversation = (
         session.get(Conversation, conversation_id) if plausible_id(conversation_id) else None
     )
-    if conversation is None or conversation.tenant_id != tenant_id:
+    if conversation is None or (tenant_id is not None and conversation.tenant_id != tenant_id):
         raise not_found("Conversation")
     return conversation
 

@@ -21,7 +21,9 @@ from app.models.base import utcnow
 
 KEY_LIFETIME = timedelta(hours=24)
 # A first request that has held its key this long without finishing has died mid-way.
-ABANDONED_AFTER = timedelta(seconds=60)
+# Far longer than any request can take (database and DNS timeouts are seconds), so a slow
+# first request is never taken over by its repeat.
+ABANDONED_AFTER = timedelta(minutes=10)
 
 
 def request_fingerprint(body: BaseModel) -> str:

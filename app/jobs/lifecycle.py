@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import ColumnElement, and_, exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.models import UNFINISHED, Conversation, Job, JobStatus
@@ -71,11 +71,20 @@ class Claim:
     attempts: int
 
 
+def is_next_in_conversation() -> ColumnElement[bool]:
+    """SQL: no earlier job of the job's conversation is unfinished."""
+    earlier = _EARLIER
+    return ~exists().where(
+        earlier.conversation_id == Job.conversation_id,
+        earlier.turn < Job.turn,
+        earlier.status.in_(UNFINISHED),
+    )
+
+
 def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
     """Take the job for this worker: queued (or running under an expired lease, its worker
     presumed dead) and first among its conversation's unfinished jobs. None: not ours to run
     (already claimed, ended, cancelled, deleted, or not yet its turn)."""
-    earlier = _EARLIER
     now = utcnow()
     token = secrets.token_hex(16)
     row = session.execute(
@@ -85,11 +94,7 @@ def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
             Job.cancel_requested.is_(False),
             (Job.status == JobStatus.queued)
             | and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
-            ~exists().where(
-                earlier.conversation_id == Job.conversation_id,
-                earlier.turn < Job.turn,
-                earlier.status.in_(UNFINISHED),
-            ),
+            is_next_in_conversation(),
         )
         .values(
             status=JobStatus.running,

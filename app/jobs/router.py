@@ -6,6 +6,7 @@ import re
 import time
 from typing import Annotated
 
+import redis
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -64,14 +65,14 @@ def submit_job(
     return service.to_job_out(session, job)
 
 
-def _read_job(tenant_id: str, job_id: str) -> JobOut:
+def _read_job(tenant_id: str | None, job_id: str) -> JobOut:
     with get_sessionmaker()() as session:
         return service.to_job_out(
             session, service.get_job(session, tenant_id=tenant_id, job_id=job_id)
         )
 
 
-async def _read_job_slotted(request: Request, tenant_id: str, job_id: str) -> JobOut:
+async def _read_job_slotted(request: Request, tenant_id: str | None, job_id: str) -> JobOut:
     # A connection is used under a session slot (see app.deps.get_session); a waiting
     # request holds none between its reads.
     async with request.app.state.session_slots:
@@ -95,14 +96,14 @@ async def read_job(
     """The job's state. `Prefer: wait=N` holds the answer until the job ends or N seconds pass."""
     wait = _requested_wait(prefer, settings.max_wait_seconds)
     if not wait:
-        return await _read_job_slotted(request, principal.tenant_id, job_id)
+        return await _read_job_slotted(request, principal.readable_tenant, job_id)
     response.headers["Preference-Applied"] = f"wait={wait}"
     waiter: JobWaiter = request.app.state.job_waiter
     deadline = time.monotonic() + wait
     event = waiter.subscribe(job_id)
     try:
         while True:
-            job = await _read_job_slotted(request, principal.tenant_id, job_id)
+            job = await _read_job_slotted(request, principal.readable_tenant, job_id)
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL or remaining <= 0:
                 return job
@@ -116,12 +117,15 @@ async def read_job(
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, principal: CurrentKey, session: SessionDep) -> JobOut:
     """Cancel a queued job at once; a running one stops at its next generated token."""
-    job = service.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = service.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
     running = service.cancel_job(session, job=job)
     session.commit()
-    client = get_redis()
-    if running:
-        request_cancel(client, job.id)
-    else:
-        announce_job_ended(client, job.id)
+    # The cancel is stored; telling the worker and the waiting clients through Redis is an
+    # optimisation (the worker also reads cancel_requested when it stores the end).
+    with contextlib.suppress(redis.RedisError):
+        client = get_redis()
+        if running:
+            request_cancel(client, job.id)
+        else:
+            announce_job_ended(client, job.id)
     return service.to_job_out(session, job)

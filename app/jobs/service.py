@@ -63,20 +63,19 @@ def _check_tenant_capacity(session: Session, *, tenant_id: str, settings: Settin
 
 def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
     """Store the user's message and its job; dispatch it if it is its conversation's next."""
+    # The checks of the request itself first; then those that cost a lookup.
+    if request.conversation_id is not None and request.system_prompt is not None:
+        raise ProblemError(
+            422,
+            "system_prompt can only be given when starting a new conversation.",
+            errors=[{"loc": ["body", "system_prompt"], "msg": "not allowed with conversation_id"}],
+        )
+    generation = resolve_generation(request, settings)
     if request.webhook_url is not None:
         check_submitted_url(request.webhook_url, settings)
-    generation = resolve_generation(request, settings)
     _check_tenant_capacity(session, tenant_id=tenant_id, settings=settings)
     now = utcnow()
     if request.conversation_id is not None:
-        if request.system_prompt is not None:
-            raise ProblemError(
-                422,
-                "system_prompt can only be given when starting a new conversation.",
-                errors=[
-                    {"loc": ["body", "system_prompt"], "msg": "not allowed with conversation_id"}
-                ],
-            )
         conversation = (
             lifecycle.lock_conversation(session, request.conversation_id)
             if plausible_id(request.conversation_id)
@@ -162,7 +161,9 @@ def cancel_job(session: Session, *, job: Job) -> bool:
     Returns True when a worker must be told (the job is running)."""
     conversation = lifecycle.lock_conversation(session, job.conversation_id)
     session.refresh(job, with_for_update=True)
-    if conversation is None or job.status not in UNFINISHED:
+    if conversation is None:
+        raise not_found("Job")  # deleted with its conversation meanwhile
+    if job.status not in UNFINISHED:
         raise ProblemError(409, f"The job has already ended ({job.status}).")
     job.cancel_requested = True
     if job.status == JobStatus.queued:

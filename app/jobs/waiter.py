@@ -23,7 +23,6 @@ class JobWaiter:
         self._redis_url = redis_url
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="parley-job-waiter")
@@ -40,7 +39,6 @@ class JobWaiter:
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(JOB_ENDED_CHANNEL)
-                    self._subscribed.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._wake(str(message["data"]))
@@ -48,7 +46,6 @@ class JobWaiter:
                 raise
             except Exception as exc:
                 # While Redis is away, waiting requests fall back to their periodic re-reads.
-                self._subscribed.clear()
                 log.warning("job-end subscription lost (%s); retrying", exc)
                 await asyncio.sleep(1)
             finally:

@@ -38,7 +38,7 @@ def list_deliveries(
     cursor: CursorQuery = None,
 ) -> Page[WebhookAttemptOut]:
     """Every delivery attempt of the job's webhook, oldest first."""
-    job = jobs.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = jobs.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
     data, next_cursor = events.list_attempts(session, job_id=job.id, limit=limit, cursor=cursor)
     return Page(data=data, next_cursor=next_cursor)
 
@@ -47,7 +47,7 @@ def list_deliveries(
 def redeliver(job_id: str, principal: CurrentKey, session: SessionDep) -> WebhookState:
     """Send the job's webhook again now (same `webhook-id`), with a new round of retries.
     409 when the job has no webhook_url or has not ended."""
-    job = jobs.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = jobs.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
     state = events.redeliver(session, job=job)
     session.commit()
     return state

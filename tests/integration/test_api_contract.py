@@ -194,3 +194,46 @@ def test_cancel_a_queued_job_and_a_terminal_one(api: Api) -> None:
         "GET", f"/v1/conversations/{first['conversation_id']}/messages", key
     ).json()["data"]
     assert [m["content"] for m in transcript if m["role"] == "user"] == ["long", "next", "after"]
+
+
+def test_a_streamed_body_over_the_limit_is_413(api_no_workers: Api) -> None:
+    api = api_no_workers
+    key = api.create_key("acme")
+
+    def chunks() -> Any:
+        yield b'{"message": "'
+        for _ in range(300):
+            yield b"x" * 1024
+        yield b'"}'
+
+    answer = api.request(
+        "POST", "/v1/jobs", key, content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    _problem(answer, 413)
+    assert _counts() == (0, 0)
+
+
+def test_cursors_with_text_postgresql_cannot_hold_are_422(api_no_workers: Api) -> None:
+    import base64
+    import json
+
+    api = api_no_workers
+    key = api.create_key("acme")
+    for bad in [
+        '["2020-01-01T00:00:00+00:00", "\\ud800"]',
+        '["2020-01-01T00:00:00+00:00", "a\\u0000"]',
+    ]:
+        cursor = base64.urlsafe_b64encode(json.dumps(json.loads(bad)).encode()).decode()
+        _problem(api.request("GET", "/v1/conversations", key, params={"cursor": cursor}), 422)
+
+
+def test_operators_read_any_tenants_jobs_and_conversations(api_no_workers: Api) -> None:
+    api = api_no_workers
+    key = api.create_key("acme")
+    job = api.submit(key, message="hello")
+    assert api.request("GET", f"/v1/jobs/{job['id']}", api.admin_key).status_code == 200
+    conversation = f"/v1/conversations/{job['conversation_id']}"
+    assert api.request("GET", conversation, api.admin_key).status_code == 200
+    assert api.request("GET", conversation + "/messages", api.admin_key).status_code == 200
+    # Another client tenant still sees nothing.
+    assert api.request("GET", conversation, api.create_key("globex")).status_code == 404

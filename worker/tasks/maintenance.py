@@ -62,19 +62,17 @@ def reconcile(settings: Settings, *, redispatch_after: timedelta) -> tuple[int, 
                 .where(
                     Job.status == JobStatus.queued,
                     (Job.enqueued_at.is_(None)) | (Job.enqueued_at < now - redispatch_after),
+                    # Jobs waiting behind an earlier turn are not lost, only not yet due.
+                    lifecycle.is_next_in_conversation(),
                 )
                 .order_by(Job.created_at)
                 .limit(500)
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
-        sent = 0
         for job in stale:
-            if not lifecycle.has_earlier_unfinished(
-                session, conversation_id=job.conversation_id, turn=job.turn
-            ):
-                lifecycle.dispatch(session, job)
-                sent += 1
+            lifecycle.dispatch(session, job)
+        sent = len(stale)
     if expired or sent:
         log.info(
             "reconciled: %d expired running jobs, %d queued jobs sent again", len(expired), sent

@@ -201,8 +201,16 @@ def _ended(turn: Turn, status: str) -> None:
 
 def _retry(turn: Turn) -> None:
     with session_scope() as session:
+        if lifecycle.lock_conversation(session, turn.conversation_id) is None:
+            return
         job = lifecycle.owned_job(session, turn.claim)
-        if job is not None:
+        if job is None:
+            return
+        if job.cancel_requested:
+            # A cancelled turn is not tried again: queued with the flag, no worker would
+            # claim it and its conversation would wait behind it for ever.
+            lifecycle.end_job(session, job, JobStatus.cancelled)
+        else:
             lifecycle.requeue(session, job)
 
 
