@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from sqlalchemy import text
@@ -40,15 +40,19 @@ def _missing() -> list[str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz() -> Response | dict[str, str]:
+async def readyz(request: Request) -> Response | dict[str, str]:
     """Ready when the database and Redis answer and a worker reported in the last 30 s."""
-    missing = await run_in_threadpool(_missing)
+    # Under a session slot, like every use of a connection by a request (app.deps).
+    async with request.app.state.session_slots:
+        missing = await run_in_threadpool(_missing)
     if missing:
         return problem_response(503, "Not ready: " + ", ".join(missing) + " unavailable.")
     return {"status": "ready"}
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text: the API's metrics, job counts, and every live worker's metrics."""
-    return Response(render(), media_type=CONTENT_TYPE_LATEST)
+    async with request.app.state.session_slots:
+        text = await run_in_threadpool(render)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

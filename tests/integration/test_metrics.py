@@ -52,3 +52,10 @@ def test_metrics_show_turns_batches_and_queue(api: Api) -> None:
     assert _sample(text, "parley_jobs_unfinished", status="queued") is not None
     assert _sample(text, "parley_jobs_unfinished", status="running") is not None
     assert "parley_jobs_submitted_total" in text
+
+
+def test_liveness_and_readiness(api: Api) -> None:
+    assert api.request("GET", "/livez", None).json() == {"status": "ok"}
+    answer = api.request("GET", "/readyz", None)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"status": "ready"}
