@@ -13,8 +13,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import quote
 
 import psycopg
@@ -22,7 +20,14 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from app.devservices.postgres_install import postgres_bin_dir, postgres_system_user
-from app.devservices.processes import DirLock, User, process_cmdline, run_logged, wait_gone
+from app.devservices.processes import (
+    DirLock,
+    LocalServer,
+    User,
+    process_cmdline,
+    run_logged,
+    wait_gone,
+)
 
 _PG_ROLE = "postgres"
 # With no TCP listener the port only names the socket file, so the default cannot clash.
@@ -34,7 +39,7 @@ _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
 
 
-class LocalPostgres:
+class LocalPostgres(LocalServer):
     """A PostgreSQL 18 server over a unix socket, with its cluster in `data_dir/pgdata`."""
 
     def __init__(self, data_dir: Path) -> None:
@@ -109,24 +114,6 @@ class LocalPostgres:
             self._lock.release()
             self._lock = None
             atexit.unregister(self._stop_at_exit)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _stop_at_exit(self) -> None:
-        # A forked child (Celery prefork, uvicorn workers) inherits atexit hooks; only the
-        # process that started the server may stop it.
-        if os.getpid() == self._owner_pid:
-            self.stop()
 
     def _initdb(self, bin_dir: Path, run_as: User | None) -> None:
         # initdb into a scratch directory and rename it when complete, so that a PG_VERSION file

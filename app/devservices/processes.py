@@ -8,7 +8,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from types import TracebackType
+from typing import NamedTuple, Self
 
 
 class User(NamedTuple):
@@ -87,3 +88,34 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalServer:
+    """What LocalPostgres and LocalRedis share: a context manager around start() and stop(),
+    and the exit hook that stops the server in the process that started it."""
+
+    _owner_pid: int | None
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _stop_at_exit(self) -> None:
+        # A forked child (Celery prefork, uvicorn workers) inherits atexit hooks; only the
+        # process that started the server may stop it.
+        if os.getpid() == self._owner_pid:
+            self.stop()

@@ -12,13 +12,12 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
-from app.devservices.processes import DirLock, process_cmdline, tail, wait_gone
+from app.devservices.processes import DirLock, LocalServer, process_cmdline, tail, wait_gone
 
 
-class LocalRedis:
+class LocalRedis(LocalServer):
     """A redis-server on 127.0.0.1 without persistence, its log in `data_dir/redis.log`.
 
     No RDB or AOF: Redis holds only broker messages and a context cache, both rebuilt from
@@ -83,22 +82,6 @@ class LocalRedis:
             self._lock.release()
             self._lock = None
         atexit.unregister(self._stop_at_exit)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _stop_at_exit(self) -> None:
-        if os.getpid() == self._owner_pid:
-            self.stop()
 
     def _spawn(self, exe: Path, port: int) -> bool:
         """Run redis-server on `port`: True once it answers, False if the port was taken."""
