@@ -60,7 +60,7 @@ TURNS_ENDED = Counter(
 def observe_step(stats: StepStats) -> None:
     BATCH_SIZE.observe(stats.batch_size)
     STEP_SECONDS.observe(stats.seconds)
-    GENERATED_TOKENS.inc(stats.tokens)
+    GENERATED_TOKENS.inc(stats.batch_size)
 
 
 def snapshot() -> bytes:

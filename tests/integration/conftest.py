@@ -159,6 +159,3 @@ def api(app_client: TestClient, workers: list[Any]) -> Api:
 @pytest.fixture
 def api_no_workers(app_client: TestClient) -> Api:
     return Api(app_client, admin_key=get_settings().parley_admin_key or "")
-
-
-Factory = Callable[..., Any]

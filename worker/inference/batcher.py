@@ -59,8 +59,7 @@ class Turn:
 class StepStats:
     """What one decoding step did, for the metrics."""
 
-    batch_size: int
-    tokens: int
+    batch_size: int  # also the tokens it generated: one per turn in the batch
     seconds: float
 
 
@@ -286,7 +285,7 @@ class ContinuousBatcher:
             )
             self._cache, self._logits = out.past_key_values, out.logits[:, -1, :].float()
         if self._on_step is not None:
-            self._on_step(StepStats(stepped, stepped, time.perf_counter() - started))
+            self._on_step(StepStats(stepped, time.perf_counter() - started))
 
     def _keep_prefix(self, row: int, turn: Turn) -> None:
         """Store the row's keys and values (prompt and reply but the last token, which was
