@@ -1,10 +1,10 @@
-"""Field types shared by the request schemas."""
+"""Field types and message shapes shared by the API's schemas and the worker."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 
 def _storable(value: str) -> str:
@@ -35,3 +35,13 @@ MetadataKey = Annotated[
     str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)
 ]
 MetadataValue = Annotated[str, StringConstraints(max_length=512), AfterValidator(_storable)]
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation as clients and prompts see it: in a Job, in the cached
+    context, in a prompt's history (the engine reads any object with `role` and `content`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["user", "assistant"]
+    content: str
