@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from app.config import get_settings
+from app.migrate import upgrade_database
 
 cli = typer.Typer(
     help="Parley: a queue-backed asynchronous job API for multi-turn chat.",
@@ -27,28 +28,15 @@ model_cli = typer.Typer(help="Build local models.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(model_cli, name="model")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
-def alembic_upgrade(database_url: str | None = None) -> None:
-    """Bring the database schema to the newest migration."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
-    if database_url:
-        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
-
-
 @cli.command()
 def migrate() -> None:
     """Apply the database migrations (safe to run again)."""
-    alembic_upgrade()
+    upgrade_database()
     typer.echo("database is at the newest schema")
 
 

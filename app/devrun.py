@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from app.config import get_settings
+from app.migrate import upgrade_database
 
 DATA_DIR = Path(".parley")
 
@@ -94,9 +95,7 @@ def run_dev(*, host: str, port: int) -> int:
         get_settings.cache_clear()
         settings = get_settings()
 
-        from app.cli import alembic_upgrade
-
-        alembic_upgrade(settings.database_url)
+        upgrade_database(settings.database_url)
         _say("migrations applied")
 
         procs = [

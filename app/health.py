@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.db import get_engine
@@ -13,8 +13,6 @@ from app.metrics import render
 from app.redis import get_redis, workers_alive
 
 router = APIRouter(tags=["operations"])
-
-JOBS_SUBMITTED = Counter("parley_jobs_submitted_total", "Chat turns accepted (202).")
 
 
 @router.get("/livez")

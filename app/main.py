@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app.admin.keys_router import router as keys_router
 from app.admin.router import router as admin_router
-from app.auth.router import router as keys_router
 from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
 from app.conversations.router import router as conversations_router

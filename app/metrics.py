@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import REGISTRY, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -17,6 +17,8 @@ from app.models import UNFINISHED, Job
 from app.redis import get_redis, worker_metrics
 
 log = logging.getLogger("parley.metrics")
+
+JOBS_SUBMITTED = Counter("parley_jobs_submitted_total", "Chat turns accepted (202).")
 
 
 class JobsCollector(Collector):

@@ -92,12 +92,12 @@ class Stack:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Self:
-        from app.cli import alembic_upgrade
+        from app.migrate import upgrade_database
 
         self.env["DATABASE_URL"] = _fresh_database(f"bench_{self.name}")
         for url in (self.env["REDIS_URL"], next_redis_database(self.env["REDIS_URL"])):
             redis.Redis.from_url(url).flushdb()
-        alembic_upgrade(self.env["DATABASE_URL"])
+        upgrade_database(self.env["DATABASE_URL"])
         api = [sys.executable, "-m", "app.cli", "api", "--port", str(self.port)]
         self.procs.append(subprocess.Popen(api, env=self.env))
         if self.with_workers:

@@ -14,7 +14,7 @@ from app.conversations import service as conversations
 from app.conversations.schemas import MessageOut
 from app.errors import not_found
 from app.ids import plausible_id
-from app.jobs.service import to_job_out
+from app.jobs.presenter import to_job_out
 from app.models import Conversation, Job
 from app.pagination import decode_cursor, split_page
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, and_, exists, select, update
 from sqlalchemy.orm import Session, aliased
 
+from app.jobs.presenter import to_job_out
 from app.models import UNFINISHED, Conversation, Job, JobStatus
 from app.models.base import utcnow
 from app.queue import RUN_TURN, enqueue_after_commit
@@ -138,7 +139,9 @@ def end_job(
     job.error_message = error_message
     if job.webhook_url is not None:
         # In this transaction: a job end and its webhook event are stored together or not at all.
-        webhook_events.record_job_end(session, job)
+        webhook_events.record_job_end(
+            session, job, data=to_job_out(session, job).model_dump(mode="json")
+        )
     release_next(session, conversation_id=job.conversation_id)
 
 

@@ -12,12 +12,16 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.db import get_sessionmaker
 from app.deps import CurrentKey, SessionDep, SettingsDep
-from app.health import JOBS_SUBMITTED
 from app.jobs import idempotency, service
+from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
 from app.jobs.waiter import JobWaiter
+from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL
+from app.pagination import CursorQuery, LimitQuery, Page
 from app.redis import announce_job_ended, get_redis, request_cancel
+from app.webhooks import events as webhook_events
+from app.webhooks.schemas import WebhookAttemptOut, WebhookState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -49,7 +53,7 @@ def submit_job(
             job = service.get_job(session, tenant_id=tenant, job_id=earlier)
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             response.headers["Idempotent-Replayed"] = "true"
-            return service.to_job_out(session, job)
+            return to_job_out(session, job)
     try:
         job = service.submit_turn(session, tenant_id=tenant, request=body, settings=settings)
         if idempotency_key is not None:
@@ -62,14 +66,12 @@ def submit_job(
             idempotency.release(session, tenant_id=tenant, key=idempotency_key)
         raise
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return service.to_job_out(session, job)
+    return to_job_out(session, job)
 
 
 def _read_job(tenant_id: str | None, job_id: str) -> JobOut:
     with get_sessionmaker()() as session:
-        return service.to_job_out(
-            session, service.get_job(session, tenant_id=tenant_id, job_id=job_id)
-        )
+        return to_job_out(session, service.get_job(session, tenant_id=tenant_id, job_id=job_id))
 
 
 async def _read_job_slotted(request: Request, tenant_id: str | None, job_id: str) -> JobOut:
@@ -128,4 +130,30 @@ def cancel_job(job_id: str, principal: CurrentKey, session: SessionDep) -> JobOu
             request_cancel(client, job.id)
         else:
             announce_job_ended(client, job.id)
-    return service.to_job_out(session, job)
+    return to_job_out(session, job)
+
+
+@router.get("/{job_id}/webhook-deliveries", response_model=Page[WebhookAttemptOut])
+def list_deliveries(
+    job_id: str,
+    principal: CurrentKey,
+    session: SessionDep,
+    limit: LimitQuery = 50,
+    cursor: CursorQuery = None,
+) -> Page[WebhookAttemptOut]:
+    """Every delivery attempt of the job's webhook, oldest first."""
+    job = service.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
+    data, next_cursor = webhook_events.list_attempts(
+        session, job_id=job.id, limit=limit, cursor=cursor
+    )
+    return Page(data=data, next_cursor=next_cursor)
+
+
+@router.post("/{job_id}/webhook/redeliver", status_code=202, response_model=WebhookState)
+def redeliver(job_id: str, principal: CurrentKey, session: SessionDep) -> WebhookState:
+    """Send the job's webhook again now (same `webhook-id`), with a new round of retries.
+    409 when the job has no webhook_url or has not ended."""
+    job = service.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
+    state = webhook_events.redeliver(session, job=job)
+    session.commit()
+    return state

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.schemas import MessageText, MetadataKey, MetadataValue, StorableText
+from app.models import JobStatus
+from app.schemas import ChatMessage, MessageText, MetadataKey, MetadataValue, StorableText
+from app.webhooks.schemas import WebhookState
 
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
@@ -32,11 +34,6 @@ class JobCreate(BaseModel):
     metadata: Metadata = Field(default_factory=dict)
 
 
-class ChatMessageOut(BaseModel):
-    role: Literal["user", "assistant"]
-    content: str
-
-
 class JobError(BaseModel):
     code: str
     message: str
@@ -47,18 +44,12 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class WebhookState(BaseModel):
-    url: str
-    status: Literal["pending", "delivered", "failed"]
-    attempts: int
-
-
 class JobOut(BaseModel):
     id: str
     conversation_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    message: ChatMessageOut
-    reply: ChatMessageOut | None = None
+    status: JobStatus
+    message: ChatMessage
+    reply: ChatMessage | None = None
     error: JobError | None = None
     context_messages: int | None = None
     usage: Usage | None = None

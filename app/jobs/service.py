@@ -11,16 +11,10 @@ from app.config import Settings
 from app.errors import ProblemError, not_found
 from app.ids import new_id, plausible_id
 from app.jobs import lifecycle
-from app.jobs.schemas import (
-    ChatMessageOut,
-    JobCreate,
-    JobError,
-    JobOut,
-    Usage,
-)
+from app.jobs.schemas import JobCreate
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message, user_seq
 from app.models.base import utcnow
-from app.webhooks.events import check_submitted_url, webhook_state
+from app.webhooks.events import check_submitted_url
 
 
 def resolve_generation(request: JobCreate, settings: Settings) -> dict[str, Any]:
@@ -142,20 +136,6 @@ def get_job(session: Session, *, tenant_id: str | None, job_id: str) -> Job:
     return job
 
 
-def queue_position(session: Session, job: Job) -> int:
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.status == JobStatus.queued,
-                (Job.created_at < job.created_at)
-                | ((Job.created_at == job.created_at) & (Job.id < job.id)),
-            )
-        ).scalar_one()
-    )
-
-
 def cancel_job(session: Session, *, job: Job) -> bool:
     """Cancel a queued job at once, or ask the worker to stop a running one.
     Returns True when a worker must be told (the job is running)."""
@@ -170,34 +150,3 @@ def cancel_job(session: Session, *, job: Job) -> bool:
         lifecycle.end_job(session, job, JobStatus.cancelled)
         return False
     return True
-
-
-def to_job_out(session: Session, job: Job) -> JobOut:
-    messages = {
-        m.role: m
-        for m in session.execute(select(Message).where(Message.job_id == job.id)).scalars()
-    }
-    reply = messages.get("assistant")
-    status = JobStatus(job.status)
-    return JobOut(
-        id=job.id,
-        conversation_id=job.conversation_id,
-        status=status.value,
-        message=ChatMessageOut(role="user", content=messages["user"].content),
-        reply=ChatMessageOut(role="assistant", content=reply.content)
-        if reply is not None and status == JobStatus.succeeded
-        else None,
-        error=JobError(code=job.error_code or "error", message=job.error_message or "")
-        if status == JobStatus.failed
-        else None,
-        context_messages=job.context_messages,
-        usage=Usage(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)
-        if job.prompt_tokens is not None and job.completion_tokens is not None
-        else None,
-        queue_position=queue_position(session, job) if status == JobStatus.queued else None,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        webhook=webhook_state(session, job),
-        metadata=job.metadata_,
-    )

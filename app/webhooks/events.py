@@ -11,25 +11,21 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import ProblemError
 from app.ids import new_id
-from app.jobs.schemas import WebhookState
 from app.models import Job, WebhookAttempt, WebhookEvent, WebhookStatus
 from app.models.base import utcnow
 from app.pagination import decode_cursor, split_page
 from app.queue import enqueue_after_commit
 from app.webhooks import ssrf
-from app.webhooks.schemas import WebhookAttemptOut
+from app.webhooks.schemas import WebhookAttemptOut, WebhookState
 
 DELIVER_WEBHOOK = "parley.deliver_webhook"
 
 
-def record_job_end(session: Session, job: Job) -> None:
-    """Write the job end's event, its payload frozen now, and send it once this transaction
-    commits. At most one per job: a second end of the same job (which the claim forbids
-    anyway) finds the unique job_id taken and adds nothing."""
-    # Imported here: app.jobs.service imports the lifecycle, which imports this module.
-    from app.jobs.service import to_job_out
-
-    data = to_job_out(session, job).model_dump(mode="json")
+def record_job_end(session: Session, job: Job, *, data: dict[str, Any]) -> None:
+    """Write the job end's event, its payload (`data`: the Job as the API shows it, in
+    JSON) frozen now, and send it once this transaction commits. At most one per job: a
+    second end of the same job (which the claim forbids anyway) finds the unique job_id
+    taken and adds nothing."""
     # The delivery state belongs to the webhook being delivered, not to its content.
     data["webhook"] = None
     payload: dict[str, Any] = {
@@ -62,18 +58,6 @@ def record_job_end(session: Session, job: Job) -> None:
         enqueue_after_commit(session, DELIVER_WEBHOOK, [event_id])
 
 
-def webhook_state(session: Session, job: Job) -> WebhookState | None:
-    """The Job's `webhook` field: pending until the job ends and its event is delivered."""
-    if job.webhook_url is None:
-        return None
-    event = session.execute(
-        select(WebhookEvent.status, WebhookEvent.attempts).where(WebhookEvent.job_id == job.id)
-    ).first()
-    if event is None:
-        return WebhookState(url=job.webhook_url, status="pending", attempts=0)
-    return WebhookState(url=job.webhook_url, status=event.status, attempts=event.attempts)
-
-
 def redeliver(session: Session, *, job: Job) -> WebhookState:
     """Send the job's event again now; a delivered or failed one starts a new round of retries."""
     if job.webhook_url is None:
@@ -91,7 +75,7 @@ def redeliver(session: Session, *, job: Job) -> WebhookState:
     event.enqueued_at = now
     enqueue_after_commit(session, DELIVER_WEBHOOK, [event.id])
     session.flush()
-    return WebhookState(url=job.webhook_url, status="pending", attempts=event.attempts)
+    return WebhookState(url=job.webhook_url, status=event.status, attempts=event.attempts)
 
 
 def list_attempts(

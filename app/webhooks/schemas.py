@@ -4,9 +4,19 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
+from app.models import WebhookStatus
+
 
 class WebhookSecretOut(BaseModel):
     secret: str
+
+
+class WebhookState(BaseModel):
+    """A Job's `webhook` field."""
+
+    url: str
+    status: WebhookStatus
+    attempts: int
 
 
 class WebhookAttemptOut(BaseModel):

@@ -37,11 +37,11 @@ def _reset_schema(url: str) -> None:
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
-    from app.cli import alembic_upgrade
+    from app.migrate import upgrade_database
 
     url = get_settings().database_url
     _reset_schema(url)
-    alembic_upgrade(url)
+    upgrade_database(url)
     return url
 
 

@@ -8,8 +8,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 import app.models  # noqa: F401
-from app.cli import alembic_upgrade
 from app.db import Base
+from app.migrate import upgrade_database
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_upgrade_from_empty_matches_models(database_url: str) -> None:
     # Build the schema from nothing in a separate schema, by the real migration history.
     separator = "&" if "?" in database_url else "?"
     url = f"{database_url}{separator}options=-csearch_path%3Dmigration_check"
-    alembic_upgrade(url)
+    upgrade_database(url)
     check = create_engine(url)
     with check.connect() as connection:
         assert {"tenants", "api_keys", "conversations", "jobs", "messages"} <= set(

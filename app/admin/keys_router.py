@@ -1,3 +1,5 @@
+"""/v1/admin/keys: the operator manages API keys (the auth domain's service does the work)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
