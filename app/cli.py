@@ -76,7 +76,7 @@ def io_worker(
     broker can be reached."""
     from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 
-    command = [sys.executable, "-m", "celery", "-A", "worker.io_app", "worker"]
+    command = [sys.executable, "-m", "celery", "-A", "worker.io_worker.celery_app", "worker"]
     command += ["--pool", "threads", "--concurrency", str(concurrency)]
     command += ["--queues", f"{WEBHOOKS_QUEUE},{MAINTENANCE_QUEUE}", "--hostname", f"{name}@%h"]
     command += ["--without-gossip", "--without-mingle"]
@@ -87,7 +87,7 @@ def io_worker(
 @cli.command()
 def dev(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the API, one worker and what they need, in the foreground (Ctrl-C stops it all)."""
-    from app.devrun import run_dev
+    from app.dev.run import run_dev
 
     raise typer.Exit(run_dev(host=host, port=port))
 
@@ -102,7 +102,7 @@ def beat(
     data_dir.mkdir(parents=True, exist_ok=True)
     # The I/O worker's app: beat imports the apps' task modules, and the model worker's would
     # load torch for nothing.
-    command = [sys.executable, "-m", "celery", "-A", "worker.io_app", "beat"]
+    command = [sys.executable, "-m", "celery", "-A", "worker.io_worker.celery_app", "beat"]
     command += ["--schedule", str(data_dir / "celerybeat-schedule")]
     command += ["--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
     os.execv(sys.executable, command)  # noqa: S606

@@ -11,6 +11,9 @@ from celery import Celery
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
+from celeryconfig import celery_config
+
 log = logging.getLogger("parley.queue")
 
 RUN_TURN = "parley.run_turn"
@@ -21,7 +24,7 @@ _PENDING = "parley_pending_tasks"
 @lru_cache
 def get_client() -> Celery:
     client = Celery("parley-client")
-    client.config_from_object("celeryconfig")
+    client.conf.update(celery_config(get_settings()))
     return client
 
 

@@ -25,7 +25,7 @@ def _database_url() -> str:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         return url
-    from app.devservices import LocalPostgres
+    from app.dev import LocalPostgres
 
     postgres = _stack.enter_context(LocalPostgres(TEST_DIR / "postgres"))
     return postgres.create_database("parley_test", drop_existing=True)
@@ -35,7 +35,7 @@ def _redis_url() -> str:
     url = os.environ.get("TEST_REDIS_URL")
     if url:
         return url
-    from app.devservices import LocalRedis
+    from app.dev import LocalRedis
 
     return _stack.enter_context(LocalRedis(TEST_DIR / "redis")).url
 
@@ -71,10 +71,6 @@ def pytest_configure(config: pytest.Config) -> None:
     from app.config import get_settings
 
     get_settings.cache_clear()
-    # A conftest loaded before this hook (`pytest tests/integration/...`) may have imported
-    # celeryconfig with the default settings, whose broker is Redis database 1: forget it, so
-    # that it is read again, with the test databases, when the first task is sent.
-    sys.modules.pop("celeryconfig", None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

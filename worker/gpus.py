@@ -78,7 +78,7 @@ def worker_spec(gpu: str | None, *, gpu_count: int, name: str | None = None) -> 
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        "worker.turn_worker.celery_app",
         "worker",
         "--pool",
         "threads",

@@ -16,11 +16,11 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app.admin.retention import enforce_retention
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.models import Conversation, Job, Message
 from tests.integration.test_admin_search import seed_conversation
+from worker.io_worker.retention import enforce_retention
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from app.config import get_settings
-from app.webhooks import delivery, sender, ssrf
+from app.webhooks import ssrf
 from tests.integration.helpers import Api
 from tests.integration.test_webhooks import (
     FAST,
@@ -29,6 +29,7 @@ from tests.integration.test_webhooks import (
     webhook,
 )
 from tests.integration.webhook_receiver import HUGE_BODY_BYTES, Receiver
+from worker.io_worker import delivery, sender
 
 pytestmark = pytest.mark.integration
 

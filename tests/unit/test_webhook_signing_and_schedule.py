@@ -11,7 +11,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app.config import Settings
 from app.models import WebhookSecret
-from app.webhooks import delivery, signing
+from app.webhooks import signing
+from worker.io_worker import delivery
 
 
 def test_a_signature_verifies_with_each_signing_secret_and_no_other() -> None:

@@ -8,7 +8,7 @@ by a process that was killed is adopted (PostgreSQL) or ended (Redis) by the nex
 same directory.
 """
 
-from app.devservices.postgres import LocalPostgres
-from app.devservices.redis_server import LocalRedis
+from app.dev.postgres import LocalPostgres
+from app.dev.redis_server import LocalRedis
 
 __all__ = ["LocalPostgres", "LocalRedis"]

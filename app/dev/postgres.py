@@ -19,8 +19,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from app.devservices.postgres_install import postgres_bin_dir, postgres_system_user
-from app.devservices.processes import (
+from app.dev.postgres_install import postgres_bin_dir, postgres_system_user
+from app.dev.processes import (
     DirLock,
     LocalServer,
     User,

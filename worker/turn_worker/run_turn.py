@@ -19,11 +19,11 @@ from app.jobs import lifecycle
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
 from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
-from worker import metrics
-from worker.celery_app import app
 from worker.inference.engine import GenerationParams, GenerationResult
 from worker.inference.prompt import ChatMessage, PromptTooLong, build_prompt
-from worker.runtime import Runtime, start_runtime
+from worker.turn_worker import metrics
+from worker.turn_worker.celery_app import app
+from worker.turn_worker.runtime import Runtime, start_runtime
 
 log = logging.getLogger("parley.run_turn")
 

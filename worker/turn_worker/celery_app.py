@@ -1,4 +1,4 @@
-"""The Celery app of Parley's workers, configured from celeryconfig.py."""
+"""The Celery app of the turn worker (`parley worker`), configured from celeryconfig.py."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
+from app.config import get_settings
 from app.logs import configure_logging
+from celeryconfig import celery_config
 
 app = Celery("parley")
-app.config_from_object("celeryconfig")
-app.conf.include = ["worker.tasks.run_turn"]
+app.conf.update(celery_config(get_settings()))
+app.conf.include = ["worker.turn_worker.run_turn"]
 
 
 @worker_init.connect
 def _load_model(**_: Any) -> None:
     # Loaded once per worker process, before it takes any task; the GPU launcher has set
     # CUDA_VISIBLE_DEVICES before this process started (invariant 6).
-    from worker.runtime import start_runtime
+    from worker.turn_worker.runtime import start_runtime
 
     configure_logging()
     start_runtime()
@@ -26,13 +28,13 @@ def _load_model(**_: Any) -> None:
 
 @worker_ready.connect
 def _start_background(sender: Any = None, **_: Any) -> None:
-    from worker.background import start_background
+    from worker.turn_worker.heartbeat import start_background
 
     start_background(name=getattr(sender, "hostname", None) or "worker")
 
 
 @worker_shutdown.connect
 def _stop_background(**_: Any) -> None:
-    from worker.background import stop_background
+    from worker.turn_worker.heartbeat import stop_background
 
     stop_background()

@@ -1,7 +1,7 @@
 """The worker's metrics: the engine at work and the turns it ran.
 
-A worker's metrics reach the API's /metrics through Redis (worker/background.py publishes a
-snapshot with each heartbeat), so one scrape of the API shows every worker.
+A worker's metrics reach the API's /metrics through Redis (its heartbeat, heartbeat.py,
+publishes a snapshot each time), so one scrape of the API shows every worker.
 """
 
 from __future__ import annotations

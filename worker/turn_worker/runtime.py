@@ -12,7 +12,7 @@ from app.context.store import ContextStore
 from app.redis import get_redis
 from worker.inference.engine import Engine
 from worker.inference.loader import LoadedModel, load_model
-from worker.metrics import observe_step
+from worker.turn_worker.metrics import observe_step
 
 log = logging.getLogger("parley.worker")
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from app.devservices.processes import DirLock, LocalServer, process_cmdline, tail, wait_gone
+from app.dev.processes import DirLock, LocalServer, process_cmdline, tail, wait_gone
 
 
 class LocalRedis(LocalServer):

@@ -24,8 +24,9 @@ from app.db import session_scope
 from app.models import WebhookAttempt, WebhookEvent, WebhookStatus
 from app.models.base import utcnow
 from app.queue import enqueue_after_commit
-from app.webhooks import sender, signing
+from app.webhooks import signing
 from app.webhooks.events import DELIVER_WEBHOOK
+from worker.io_worker import sender
 
 log = logging.getLogger("parley.webhooks")
 

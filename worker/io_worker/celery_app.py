@@ -1,6 +1,6 @@
 """The Celery app of the I/O worker (`parley io-worker`): webhook deliveries and their sweep.
 
-Kept apart from worker.celery_app, whose worker_init loads the model: this module never
+Kept apart from worker.turn_worker.celery_app, whose worker_init loads the model: this module never
 imports it (Celery's signals are process-wide), so an I/O worker holds no model and no GPU
 and can run many deliveries at once on threads.
 """
@@ -16,13 +16,14 @@ from celery.signals import worker_ready, worker_shutdown
 
 from app.config import get_settings
 from app.logs import configure_logging
-from app.webhooks.delivery import sweep_due
+from celeryconfig import celery_config
+from worker.io_worker.delivery import sweep_due
 
 log = logging.getLogger("parley.io_worker")
 
 app = Celery("parley-io")
-app.config_from_object("celeryconfig")
-app.conf.include = ["worker.tasks.deliver_webhook"]
+app.conf.update(celery_config(get_settings()))
+app.conf.include = ["worker.io_worker.tasks"]
 
 _stop = threading.Event()
 _thread: threading.Thread | None = None

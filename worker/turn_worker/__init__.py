@@ -1,0 +1,2 @@
+"""The turn worker (`parley worker`): one process per GPU holding the model, running
+`parley.run_turn`, its heartbeat and the reconciler."""
