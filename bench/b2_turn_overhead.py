@@ -16,10 +16,11 @@ from datetime import datetime
 
 import torch
 
+from app.schemas import ChatMessage
 from bench.conversations import hold_conversations, transcript
 from bench.stack import Stack, percentile, say
 from worker.inference.loader import load_model
-from worker.inference.prompt import ChatMessage, build_prompt
+from worker.inference.prompt import build_prompt
 
 CONVERSATIONS, TURNS, NEW_TOKENS = 20, 20, 16
 
@@ -32,7 +33,7 @@ def model_time_per_turn(model_path: str, messages: list[dict[str, str]]) -> floa
         prompt = build_prompt(
             loaded.tokenizer,
             system_prompt=None,
-            history=[ChatMessage(m["role"], m["content"]) for m in messages[:turn]],
+            history=[ChatMessage(role=m["role"], content=m["content"]) for m in messages[:turn]],
             message=messages[turn]["content"],
             max_context_tokens=loaded.max_context_tokens,
             max_new_tokens=NEW_TOKENS,

@@ -11,10 +11,11 @@ import sys
 import threading
 import time
 
+from app.schemas import ChatMessage
 from bench.stack import model_dir, percentile, say
 from worker.inference.engine import Engine, GenerationParams
 from worker.inference.loader import load_model
-from worker.inference.prompt import ChatMessage, build_prompt
+from worker.inference.prompt import build_prompt
 
 SHAPES = {
     # name: (model size, conversations, turns, new tokens)
@@ -52,7 +53,10 @@ def main(argv: list[str]) -> None:
             with lock:
                 latencies.append(time.perf_counter() - started)
                 tokens += result.completion_tokens
-            history += [ChatMessage("user", message), ChatMessage("assistant", result.text)]
+            history += [
+                ChatMessage(role="user", content=message),
+                ChatMessage(role="assistant", content=result.text),
+            ]
 
     started = time.perf_counter()
     threads = [threading.Thread(target=converse, args=(i,)) for i in range(conversations)]
@@ -61,7 +65,7 @@ def main(argv: list[str]) -> None:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    cache = engine.batcher.prefix_cache
+    cache = engine.prefix_cache
     say(f"{name} on the engine alone ({size} model): {len(latencies)} turns in {wall:.1f} s")
     say(f"  {len(latencies) / wall:.1f} turns/s, {tokens / wall:.1f} tokens/s")
     say(f"  turn latency p50 {percentile(latencies, 0.5) * 1000:.1f} ms")

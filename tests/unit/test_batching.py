@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import pytest
 
-from worker.inference.batcher import StepStats
-from worker.inference.engine import Engine, GenerationParams, GenerationResult
+from app.schemas import ChatMessage
+from worker.inference.engine import Engine, GenerationParams, GenerationResult, StepStats
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.model_init import build_model
-from worker.inference.prompt import ChatMessage, Prompt, build_prompt
+from worker.inference.prompt import Prompt, build_prompt
 
 MESSAGES = [
     "Hi",
@@ -31,7 +31,10 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def prompts(loaded: LoadedModel) -> list[Prompt]:
-    history = [ChatMessage("user", "Earlier question"), ChatMessage("assistant", "Earlier answer")]
+    history = [
+        ChatMessage(role="user", content="Earlier question"),
+        ChatMessage(role="assistant", content="Earlier answer"),
+    ]
     return [
         build_prompt(
             loaded.tokenizer,
@@ -193,7 +196,10 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
         fresh = cold.generate(prompt, params)
         assert reused.text == fresh.text
         assert reused.completion_tokens == fresh.completion_tokens
-        history += [ChatMessage("user", message), ChatMessage("assistant", reused.text)]
-    cache = warm.batcher.prefix_cache
+        history += [
+            ChatMessage(role="user", content=message),
+            ChatMessage(role="assistant", content=reused.text),
+        ]
+    cache = warm.prefix_cache
     assert cache is not None
     assert cache.hits >= 4, (cache.hits, cache.misses)

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from app.schemas import ChatMessage
 from worker.inference.model_init import build_model
 from worker.inference.prompt import (
-    ChatMessage,
     Prompt,
     PromptTooLong,
     build_prompt,
@@ -35,8 +35,10 @@ def plain_tokenizer(tokenizer: Any) -> Any:
 def _conversation(turns: int) -> list[ChatMessage]:
     history: list[ChatMessage] = []
     for i in range(turns):
-        history.append(ChatMessage("user", f"question number {i} about the harbour"))
-        history.append(ChatMessage("assistant", f"answer number {i}, with some detail"))
+        history.append(ChatMessage(role="user", content=f"question number {i} about the harbour"))
+        history.append(
+            ChatMessage(role="assistant", content=f"answer number {i}, with some detail")
+        )
     return history
 
 
@@ -128,12 +130,12 @@ def test_window_never_starts_with_an_orphan_reply(tokenizer: Any) -> None:
     # A greeting before the first question and two questions in a row (the reply to the
     # first failed): the kept history must still begin with a user message.
     history = [
-        ChatMessage("assistant", "Welcome aboard, how can I help?"),
-        ChatMessage("user", "first question"),
-        ChatMessage("user", "first question, asked again"),
-        ChatMessage("assistant", "first answer"),
-        ChatMessage("user", "second question"),
-        ChatMessage("assistant", "second answer"),
+        ChatMessage(role="assistant", content="Welcome aboard, how can I help?"),
+        ChatMessage(role="user", content="first question"),
+        ChatMessage(role="user", content="first question, asked again"),
+        ChatMessage(role="assistant", content="first answer"),
+        ChatMessage(role="user", content="second question"),
+        ChatMessage(role="assistant", content="second answer"),
     ]
     whole = len(_build(tokenizer, history, max_context_tokens=1024).input_ids)
     for budget in range(whole - 1, 0, -1):

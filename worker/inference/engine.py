@@ -1,8 +1,9 @@
 """The engine of a worker process: turns in, replies out, many turns on one model at a time.
 
-Each Celery task thread calls `generate`, which hands its turn to the process's continuous
-batcher (worker/inference/batcher.py) and waits for it, watching for cancellation meanwhile;
-the batcher's single thread runs the model for every turn in flight together.
+Each Celery task thread calls `generate`, which hands its turn to the process's engine loop
+(worker/inference/engine_loop.py) as a generation request and waits for it, watching for
+cancellation meanwhile; the loop's single thread runs the model for every request in flight
+together.
 """
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from worker.inference.batcher import ContinuousBatcher, StepStats, Turn
-from worker.inference.engine_types import FinishReason, GenerationParams, GenerationResult
+from worker.inference.engine_loop import EngineLoop
+from worker.inference.engine_types import (
+    FinishReason,
+    GenerationParams,
+    GenerationResult,
+    StepStats,
+)
 from worker.inference.loader import LoadedModel
 from worker.inference.prefix_cache import PrefixCache
 from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt
+from worker.inference.request import GenerationRequest, RequestStatus
+from worker.inference.stopping import StopRules
 
-__all__ = ["Engine", "FinishReason", "GenerationParams", "GenerationResult", "decode_reply"]
+__all__ = [
+    "Engine",
+    "FinishReason",
+    "GenerationParams",
+    "GenerationResult",
+    "StepStats",
+    "decode_reply",
+]
 
 # should_cancel may be a network round trip (Redis): asking once per token would slow a fast
 # model down to the speed of the network, so each waiting task asks at most this often.
@@ -51,16 +66,27 @@ class Engine:
         self._text_markers: tuple[str, ...] = ()
         if not getattr(tokenizer, "chat_template", None):
             self._text_markers = FALLBACK_ROLE_MARKERS
-        self.batcher = ContinuousBatcher(
+        self._loop = EngineLoop(
             loaded.model,
             device=loaded.device,
             pad_token_id=tokenizer.pad_token_id,
-            stop_ids=self._stop_ids,
+            stop_rules=StopRules(
+                self._stop_ids, self._wrote_role_marker if self._text_markers else None
+            ),
             max_batch=max_batch,
-            stop_check=self._wrote_role_marker if self._text_markers else None,
             on_step=on_step,
             prefix_cache=PrefixCache(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None,
         )
+
+    @property
+    def running(self) -> int:
+        """How many requests are in the batch now (for the metrics)."""
+        return self._loop.running
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The conversations' kept caches (None when prefix_cache_bytes is 0)."""
+        return self._loop.prefix_cache
 
     def generate(
         self,
@@ -81,36 +107,37 @@ class Engine:
         # A turn cancelled while it waited for the model costs nothing more.
         if should_cancel():
             return GenerationResult("", prompt_tokens, 0, "cancelled")
-        turn = Turn(
+        request = GenerationRequest(
             list(prompt.input_ids), params, min(params.max_new_tokens, room), prefix_key=prefix_key
         )
-        self.batcher.submit(turn)
-        while not turn.done.wait(CANCEL_CHECK_INTERVAL_S):
-            if not turn.cancel.is_set() and should_cancel():
-                turn.cancel.set()
-        if turn.error is not None:
-            raise turn.error
-        assert turn.finish_reason is not None
+        self._loop.submit(request)
+        while not request.wait(CANCEL_CHECK_INTERVAL_S):
+            if not request.cancelled and should_cancel():
+                request.cancel()
+        if request.status is RequestStatus.FAILED:
+            assert request.error is not None
+            raise request.error
+        assert request.finish_reason is not None
         text, stopped = decode_reply(
             self.loaded.tokenizer,
-            turn.generated,
+            request.generated,
             stop_ids=self._stop_ids,
             text_markers=self._text_markers,
         )
-        reason = turn.finish_reason
+        reason = request.finish_reason
         if stopped and reason in ("length", "time"):
             reason = "stop"
-        first = turn.first_token_at
+        first = request.first_token_at
         return GenerationResult(
             text,
             prompt_tokens,
-            len(turn.generated),
+            len(request.generated),
             reason,
-            None if first is None else first - turn.submitted_at,
+            None if first is None else first - request.submitted_at,
         )
 
-    def _wrote_role_marker(self, turn: Turn) -> bool:
-        tail = self.loaded.tokenizer.decode(turn.generated[-_MARKER_WINDOW_TOKENS:])
+    def _wrote_role_marker(self, request: GenerationRequest) -> bool:
+        tail = self.loaded.tokenizer.decode(request.generated[-_MARKER_WINDOW_TOKENS:])
         return any(marker in tail for marker in self._text_markers)
 
 

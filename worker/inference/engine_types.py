@@ -1,4 +1,5 @@
-"""The settings and the outcome of one generation, shared by the engine and the batcher."""
+"""The engine's public data: the settings and the outcome of one generation, and what one
+decoding step did (for the metrics). It imports no torch, so the metrics can import it cheaply."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ class GenerationResult:
     # From reaching the engine to the first generated token; None when none was generated.
     # A measurement, not part of what was generated: equal results may differ in it.
     time_to_first_token_s: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one decoding step did, for the metrics."""
+
+    batch_size: int  # also the tokens it generated: one per request in the batch
+    seconds: float

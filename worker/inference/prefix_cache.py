@@ -1,8 +1,8 @@
 """Reuse of a conversation's key/value cache from one turn to the next.
 
 A turn's prompt is the previous turn's prompt and reply plus the new message, so most of it
-was already run through the model when the previous turn was generated. The batcher keeps
-each finished turn's cache, keyed by conversation, and the next turn prefills only what
+was already run through the model when the previous turn was generated. The engine loop
+keeps each finished turn's cache, keyed by conversation, and the next turn prefills only what
 follows the longest common prefix of token ids. Least recently used entries are dropped to
 stay within a memory budget. A turn that lands on another worker, or whose window dropped
 old turns, misses and is prefilled whole: the result is the same, only slower.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 # For models that ship no chat template (base models such as the original GPT-2): a plain
 # transcript the model can continue after "Assistant:". No special tokens, because nothing is
@@ -28,10 +28,15 @@ FALLBACK_CHAT_TEMPLATE = (
 FALLBACK_ROLE_MARKERS: tuple[str, ...] = ("\nUser:", "\nAssistant:", "\nSystem:")
 
 
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str  # "user" | "assistant"
-    content: str
+class ChatMessage(Protocol):
+    """A message of the history as the prompt reads it. The service's is app.schemas.ChatMessage;
+    any object with these two attributes will do (the engine does not import the app)."""
+
+    @property
+    def role(self) -> str: ...  # "user" | "assistant"
+
+    @property
+    def content(self) -> str: ...
 
 
 @dataclass(frozen=True)
