@@ -60,10 +60,22 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
 @cli.command()
 def worker(
     gpus: Annotated[str, typer.Option(help="auto, cpu, or GPU indexes such as 0,1")] = "auto",
+    no_restart: Annotated[
+        bool,
+        typer.Option(
+            "--no-restart",
+            help="Run the one worker in this process's place, with no supervisor to restart "
+            "it (for systemd, Kubernetes or another manager that restarts it).",
+        ),
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="The worker's name in Celery.")] = None,
 ) -> None:
     """Run the model workers: one process per GPU, or one on the CPU."""
+    command = [sys.executable, "-m", "worker.gpus", "--gpus", gpus]
+    command += ["--no-restart"] if no_restart else []
+    command += ["--name", name] if name else []
     # Replaces this process with the launcher; no shell is involved.
-    os.execv(sys.executable, [sys.executable, "-m", "worker.gpus", "--gpus", gpus])  # noqa: S606
+    os.execv(sys.executable, command)  # noqa: S606
 
 
 @cli.command("io-worker")

@@ -11,11 +11,11 @@ from alembic.config import Config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def upgrade_database(database_url: str | None = None) -> None:
-    """Apply every migration not yet applied (safe to run again); `database_url` defaults to
-    the settings' DATABASE_URL (read by migrations/env.py)."""
+def upgrade_database(database_url: str | None = None, *, revision: str = "head") -> None:
+    """Apply the migrations not yet applied, up to `revision` (safe to run again);
+    `database_url` defaults to the settings' DATABASE_URL (read by migrations/env.py)."""
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

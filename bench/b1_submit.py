@@ -14,7 +14,8 @@ import argparse
 import json
 
 from bench.loadgen import LoadResult, http_request, run_load
-from bench.stack import Stack, percentile, say
+from bench.report import percentile, say
+from bench.stack import BenchStack
 
 TENANTS = 50
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--connections", type=int, default=500)
     args = parser.parse_args()
-    with Stack("b1", model="tiny", workers=False) as stack:
+    with BenchStack("b1", model="tiny", workers=False) as stack:
         keys = [stack.create_key(f"tenant-{i}") for i in range(TENANTS)]
         livez = http_request("GET", "/livez", {})
         bodies = [

@@ -18,7 +18,8 @@ import torch
 
 from app.schemas import ChatMessage
 from bench.conversations import hold_conversations, transcript
-from bench.stack import Stack, percentile, say
+from bench.report import percentile, say
+from bench.stack import BenchStack
 from worker.inference.loader import load_model
 from worker.inference.prompt import build_prompt
 
@@ -58,7 +59,7 @@ def _seconds(timestamp: str) -> float:
 
 
 def main() -> None:
-    with Stack("b2", model="tiny") as stack:
+    with BenchStack("b2", model="tiny") as stack:
         key = stack.create_key("bench")
         say(f"B2: {CONVERSATIONS} conversations x {TURNS} turns of {NEW_TOKENS} tokens, tiny model")
         generation = {"max_new_tokens": NEW_TOKENS}

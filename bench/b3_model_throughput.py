@@ -16,7 +16,8 @@ import time
 import torch
 
 from bench.conversations import hold_conversations
-from bench.stack import Stack, model_dir, say
+from bench.report import say
+from bench.stack import BenchStack, model_dir
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.prompt import build_prompt
 
@@ -81,7 +82,7 @@ def padded_batch(loaded: LoadedModel, prompts: list[list[int]]) -> float:
     return _generated(out, width, set(loaded.tokenizer.all_special_ids)) / elapsed
 
 
-def _engine_counters(stack: Stack) -> tuple[float, float, float]:
+def _engine_counters(stack: BenchStack) -> tuple[float, float, float]:
     """Decoding steps, turns advanced (summed over steps), and seconds spent stepping."""
     return (
         stack.worker_metric("parley_worker_batch_size_count"),
@@ -101,7 +102,7 @@ def main() -> None:
     say(f"B3: {CONVERSATIONS} conversations x {TURNS} turns, {NEW_TOKENS} new tokens, small model")
     say(f"  (a) one generate per turn, one at a time: {baseline_a:.1f} tokens/s")
     say(f"  (b) one padded batch of {CONVERSATIONS}: {baseline_b:.1f} tokens/s")
-    with Stack("b3", model="small", WORKER_MAX_BATCH=str(CONVERSATIONS)) as stack:
+    with BenchStack("b3", model="small", WORKER_MAX_BATCH=str(CONVERSATIONS)) as stack:
         key = stack.create_key("bench")
         generation = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
         hold_conversations(stack.base_url, key, conversations=2, turns=1, generation=generation)

@@ -19,65 +19,36 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psycopg
-from psycopg import sql
 from sqlalchemy import create_engine, text
 
+from app.config import normalize_database_url
+from app.dev.postgres import libpq_url
+from app.dev.query_plans import explain_service_query
+from app.migrate import upgrade_database
 from bench.b5_data import CHINESE_WORDS, Shape, TextMaker, load, tenant_name
-from bench.b5_server import ApiServer, MemorySampler, explain_service_query, search_once
+from bench.b5_measure import MemorySampler, search_once
+from bench.report import percentile, say
+from bench.stack import BenchStack, bench_database
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE = "bench_b5"
 SEARCH_INDEXES = ("ix_messages_content_fts", "ix_messages_content_trgm")
 
 
-def _say(text_: str) -> None:
-    print(text_, flush=True)
-
-
-def _database_url() -> str:
-    server = os.environ.get("BENCH_DATABASE_URL", DEFAULT_SERVER)
-    base, _, _ = server.rpartition("/")
-    return f"{base}/{DATABASE}"
-
-
-def _recreate(url: str) -> None:
-    base, _, _ = url.rpartition("/")
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-
-
-def _migrate(url: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, revision)
-
-
 def build(url: str, shape: Shape) -> None:
     started = time.monotonic()
-    _recreate(url)
-    _migrate(url, "0001")
+    upgrade_database(url, revision="0001")
     messages = load(url, shape)
     loaded = time.monotonic()
-    _say(f"loaded {messages:,} messages, {shape.conversations:,} conversations, "
+    say(f"loaded {messages:,} messages, {shape.conversations:,} conversations, "
          f"{shape.tenants} tenants in {loaded - started:.0f}s")  # fmt: skip
     # Index builds are what the migration does on a live database; give them memory.
     os.environ["PGOPTIONS"] = "-c maintenance_work_mem=512MB"
-    _migrate(url, "heads")
+    upgrade_database(url, revision="heads")
     os.environ.pop("PGOPTIONS")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
@@ -87,12 +58,8 @@ def build(url: str, shape: Shape) -> None:
             (["messages", *SEARCH_INDEXES],),
         ).fetchall()
     took = time.monotonic() - loaded
-    _say(f"migrated to heads (search indexes built) and analysed in {took:.0f}s; "
+    say(f"migrated to heads (search indexes built) and analysed in {took:.0f}s; "
          + ", ".join(f"{name} {size}" for name, size in sizes))  # fmt: skip
-
-
-def _p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[94]
 
 
 def _queries(url: str, shape: Shape, count: int, seed: int) -> list[tuple[str, str]]:
@@ -121,14 +88,18 @@ def _queries(url: str, shape: Shape, count: int, seed: int) -> list[tuple[str, s
     return queries
 
 
-def bench_search(url: str, server: ApiServer, shape: Shape, samples: int) -> None:
+def bench_search(url: str, server: BenchStack, shape: Shape, samples: int) -> None:
     queries = _queries(url, shape, samples, seed=11)
     rng = random.Random(12)
     chinese = [
         (tenant_name(rng.randrange(shape.tenants)), "".join(rng.sample(CHINESE_WORDS, 2)))
         for _ in range(samples // 4)
     ]
-    with httpx.Client(base_url=server.base_url, headers=server.auth, timeout=60) as client:
+    with httpx.Client(
+        base_url=server.base_url,
+        headers=server.admin_headers,
+        timeout=60,
+    ) as client:
         for tenant, q in queries[:10]:  # warm the caches
             search_once(client, tenant, q)
         http = [search_once(client, tenant, q) for tenant, q in queries]
@@ -137,16 +108,17 @@ def bench_search(url: str, server: ApiServer, shape: Shape, samples: int) -> Non
             len(client.get("/v1/admin/conversations", params={"tenant": t, "q": q}).json()["data"])
             for t, q in queries
         ]
-    _say(f"search over HTTP, {len(http)} two-word English queries, one tenant each: "
-         f"p50 {statistics.median(http) * 1000:.1f} ms, p95 {_p95(http) * 1000:.1f} ms "
+    say(f"search over HTTP, {len(http)} two-word English queries, one tenant each: "
+         f"p50 {percentile(http, 0.5) * 1000:.1f} ms, p95 {percentile(http, 0.95) * 1000:.1f} ms "
          f"(target < 100 ms); {sum(1 for h in hits if h)} of them found some, "
          f"{max(hits)} at most (a page is 50)")  # fmt: skip
-    _say(
+    say(
         f"search over HTTP, {len(http_cjk)} Chinese substring queries: "
-        f"p50 {statistics.median(http_cjk) * 1000:.1f} ms, p95 {_p95(http_cjk) * 1000:.1f} ms"
+        f"p50 {percentile(http_cjk, 0.5) * 1000:.1f} ms, "
+        f"p95 {percentile(http_cjk, 0.95) * 1000:.1f} ms"
     )
 
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = create_engine(normalize_database_url(url))
     baseline_queries = queries[:20]
     with engine.connect() as conn:
         indexed = [explain_service_query(conn, t, q, analyze=True)[0] for t, q in baseline_queries]
@@ -159,23 +131,27 @@ def bench_search(url: str, server: ApiServer, shape: Shape, samples: int) -> Non
         baseline = [explain_service_query(conn, t, q, analyze=True)[0] for t, q in baseline_queries]
         conn.rollback()
     engine.dispose()
-    ratio = statistics.median(baseline) / statistics.median(indexed)
-    _say(f"the same {len(baseline_queries)} queries in SQL: with the indexes median "
-         f"{statistics.median(indexed):.2f} ms, without (baseline) median "
-         f"{statistics.median(baseline):.1f} ms: {ratio:.0f}x faster with the indexes")  # fmt: skip
-    _say("plan, English words:\n" + plan)
-    _say("plan, Chinese substring:\n" + plan_cjk)
+    ratio = percentile(baseline, 0.5) / percentile(indexed, 0.5)
+    say(f"the same {len(baseline_queries)} queries in SQL: with the indexes median "
+         f"{percentile(indexed, 0.5):.2f} ms, without (baseline) median "
+         f"{percentile(baseline, 0.5):.1f} ms: {ratio:.0f}x faster with the indexes")  # fmt: skip
+    say("plan, English words:\n" + plan)
+    say("plan, Chinese substring:\n" + plan_cjk)
 
 
-def _export(server: ApiServer, params: dict[str, str]) -> tuple[int, int, float, int]:
+def _export(server: BenchStack, params: dict[str, str]) -> tuple[int, int, float, int]:
     """(conversations, messages, seconds, peak RSS growth in bytes) of one export."""
-    sampler = MemorySampler(server.pid)
+    sampler = MemorySampler(server.api_pid)
     lines = messages = 0
     started = time.monotonic()
     tail = b""
     with (
         sampler,
-        httpx.Client(base_url=server.base_url, headers=server.auth, timeout=600) as client,
+        httpx.Client(
+            base_url=server.base_url,
+            headers=server.admin_headers,
+            timeout=600,
+        ) as client,
         client.stream("GET", "/v1/admin/export", params=params) as answer,
     ):
         answer.raise_for_status()
@@ -187,7 +163,7 @@ def _export(server: ApiServer, params: dict[str, str]) -> tuple[int, int, float,
     return lines, messages, time.monotonic() - started, sampler.growth
 
 
-def bench_export(url: str, server: ApiServer, shape: Shape) -> None:
+def bench_export(url: str, server: BenchStack, shape: Shape) -> None:
     _export(server, {"tenant": tenant_name(1)})  # warm-up: first-use allocations
     small = _export(server, {"tenant": tenant_name(0)})
     full = _export(server, {})
@@ -205,10 +181,10 @@ def bench_export(url: str, server: ApiServer, shape: Shape) -> None:
     raw_rate = raw / (time.monotonic() - started)
     lines, messages, seconds, growth = full
     rate = messages / seconds
-    _say(f"export over HTTP: {lines:,} conversations, {messages:,} messages in {seconds:.1f}s: "
+    say(f"export over HTTP: {lines:,} conversations, {messages:,} messages in {seconds:.1f}s: "
          f"{rate:,.0f} messages/s (target >= 20,000); reading the same rows without JSON "
          f"(baseline): {raw_rate:,.0f} rows/s: {rate / raw_rate:.2f}x of it")  # fmt: skip
-    _say(f"export peak memory (API process RSS above its level before): full export "
+    say(f"export peak memory (API process RSS above its level before): full export "
          f"{growth / 2**20:.1f} MiB for {messages:,} messages; one tenant "
          f"{small[3] / 2**20:.1f} MiB for {small[1]:,} messages "
          f"({messages / max(1, small[1]):.0f}x the data)")  # fmt: skip
@@ -221,14 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep the loaded database")
     args = parser.parse_args(argv)
     shape = Shape(conversations=args.conversations)
-    url = _database_url()
+    # libpq's spelling: the loader and the SQL measurements use psycopg directly.
+    url = libpq_url(bench_database(DATABASE, fresh=not args.reuse))
     started = time.monotonic()
     if not args.reuse:
         build(url, shape)
-    with ApiServer(url) as server:
+    with BenchStack("b5", model=None, workers=False, database_url=url) as server:
         bench_search(url, server, shape, args.samples)
         bench_export(url, server, shape)
-    _say(f"B5 done in {time.monotonic() - started:.0f}s")
+    say(f"B5 done in {time.monotonic() - started:.0f}s")
     return 0
 
 

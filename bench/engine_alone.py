@@ -12,7 +12,8 @@ import threading
 import time
 
 from app.schemas import ChatMessage
-from bench.stack import model_dir, percentile, say
+from bench.report import percentile, say
+from bench.stack import model_dir
 from worker.inference.engine import Engine, GenerationParams
 from worker.inference.loader import load_model
 from worker.inference.prompt import build_prompt

@@ -1,124 +1,105 @@
-"""The whole service for a benchmark: a fresh database, the API and the turn workers, each in
-its own process started as `parley api` and `parley worker` start them.
+"""The whole service for a benchmark, on app.dev.stack (the harness `parley dev` and the tests
+use too): a fresh database, clean Redis databases, the API and the turn workers, each in its
+own process started as `parley api` and `parley worker` start them.
 
 PostgreSQL: the server of BENCH_DATABASE_URL (default: the one at 127.0.0.1:5432), in a
-database of the benchmark's own, dropped and made again. Redis: BENCH_REDIS_URL (default
-database 12 of the local server; the broker takes the next one), flushed first. Workers use
-the GPU when there is one (`--gpus auto`).
+database of the benchmark's own, dropped and made again (or an existing one, `database_url`).
+Redis: BENCH_REDIS_URL (default database 12 of the local server; the broker takes the next
+one), flushed first. Workers use the GPU when there is one (`--gpus auto`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import httpx
-import psycopg
 import redis
-from psycopg import sql
 
-from app.config import next_redis_database, normalize_database_url
+from app.config import next_redis_database
+from app.dev.postgres import create_database
+from app.dev.stack import ROOT, Process, Stack, ensure_model, free_port
+from app.migrate import upgrade_database
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / ".parley" / "bench" / "models"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def model_dir(size: str) -> Path:
-    """The local model of `size`, built once (fixed seed) and reused."""
-    directory = MODELS / size
-    if not (directory / "config.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "worker.inference.model_init", str(directory), "--size", size],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    return directory
+    """The benchmarks' local model of `size`, built once (fixed seed) and reused."""
+    return ensure_model(MODELS / size, size=size)
 
 
-def _fresh_database(name: str) -> str:
+def bench_database(name: str, *, fresh: bool) -> str:
+    """The URL of the benchmark's database `name` on BENCH_DATABASE_URL's server."""
     server = os.environ.get("BENCH_DATABASE_URL", DEFAULT_SERVER)
-    base, _, _ = server.rpartition("/")
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return normalize_database_url(f"{base}/{name}")
+    return create_database(server, name, drop_existing=fresh)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+class BenchStack:
+    """`with BenchStack("b2", model="tiny") as stack:` the service is up at `stack.base_url`,
+    with `stack.admin_key`. `database_url`: serve that database as it is (no migration)."""
 
-
-class Stack:
-    """`with Stack("b2", model="tiny") as stack:` the service is up at `stack.base_url`."""
-
-    def __init__(self, name: str, *, model: str, workers: bool = True, **settings: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        model: str | None,
+        workers: bool = True,
+        database_url: str | None = None,
+        **settings: str,
+    ) -> None:
         self.name = name
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin_key = "pk_bench_" + secrets.token_urlsafe(16)
-        self.model = model_dir(model)
         self.with_workers = workers
-        self.env = dict(os.environ)
-        self.env.update(
-            REDIS_URL=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS),
-            MODEL_ID=str(self.model),
-            PARLEY_ADMIN_KEY=self.admin_key,
-            LOG_LEVEL="WARNING",
+        self.database_url = database_url
+        self.env = {
+            "REDIS_URL": os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS),
+            "PARLEY_ADMIN_KEY": self.admin_key,
+            "LOG_LEVEL": "WARNING",
             **settings,
-        )
-        self.env.pop("BROKER_URL", None)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        }
+        self.model = None if model is None else model_dir(model)
+        if self.model is not None:
+            self.env["MODEL_ID"] = str(self.model)
+        self.port = free_port()
+        self.stack = Stack(self.env)
+        # The broker follows REDIS_URL (the next database), never a BROKER_URL of the shell.
+        self.stack.env.pop("BROKER_URL", None)
+        self.api: Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.stack.base_url is not None
+        return self.stack.base_url
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+    @property
+    def api_pid(self) -> int:
+        assert self.api is not None
+        return self.api.pid
 
     def __enter__(self) -> Self:
-        from app.migrate import upgrade_database
-
-        self.env["DATABASE_URL"] = _fresh_database(f"bench_{self.name}")
+        if self.database_url is None:
+            self.database_url = bench_database(f"bench_{self.name}", fresh=True)
+            upgrade_database(self.database_url)
+        self.stack.env["DATABASE_URL"] = self.database_url
         for url in (self.env["REDIS_URL"], next_redis_database(self.env["REDIS_URL"])):
             redis.Redis.from_url(url).flushdb()
-        upgrade_database(self.env["DATABASE_URL"])
-        api = [sys.executable, "-m", "app.cli", "api", "--port", str(self.port)]
-        self.procs.append(subprocess.Popen(api, env=self.env))
+        self.api = self.stack.api(port=self.port)
         if self.with_workers:
-            worker = [sys.executable, "-m", "worker.gpus", "--gpus", "auto"]
-            self.procs.append(subprocess.Popen(worker, env=self.env))
-        self._wait_ready()
+            self.stack.turn_worker(gpus="auto")
+        if not self.stack.wait_ready("/readyz" if self.with_workers else "/livez"):
+            self.stack.stop()
+            raise RuntimeError("the stack did not become ready (a process exited or 180 s)")
         return self
-
-    def _wait_ready(self, timeout: float = 180) -> None:
-        path = "/readyz" if self.with_workers else "/livez"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError("a process of the stack exited while starting")
-            try:
-                if httpx.get(self.base_url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the stack was not ready within {timeout}s")
 
     def worker_metric(self, name: str) -> float:
         """The sum over workers of a metric sample on the API's /metrics (0 when absent)."""
@@ -133,7 +114,7 @@ class Stack:
         answer = httpx.post(
             self.base_url + "/v1/admin/keys",
             json={"tenant": tenant, "scope": "client"},
-            headers={"Authorization": f"Bearer {self.admin_key}"},
+            headers=self.admin_headers,
         )
         answer.raise_for_status()
         return str(answer.json()["key"])
@@ -144,10 +125,4 @@ class Stack:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        self.stack.stop()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+
+from app.dev.stack import ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DIR = ROOT / ".parley" / "test"
@@ -25,7 +25,7 @@ def _database_url() -> str:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         return url
-    from app.dev import LocalPostgres
+    from app.dev.postgres import LocalPostgres
 
     postgres = _stack.enter_context(LocalPostgres(TEST_DIR / "postgres"))
     return postgres.create_database("parley_test", drop_existing=True)
@@ -35,20 +35,9 @@ def _redis_url() -> str:
     url = os.environ.get("TEST_REDIS_URL")
     if url:
         return url
-    from app.dev import LocalRedis
+    from app.dev.redis_server import LocalRedis
 
     return _stack.enter_context(LocalRedis(TEST_DIR / "redis")).url
-
-
-def _tiny_model() -> str:
-    model_dir = TEST_DIR / "models" / "tiny"
-    if not (model_dir / "config.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "worker.inference.model_init", str(model_dir), "--size", "tiny"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    return str(model_dir)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["DATABASE_URL"] = normalize_database_url(_database_url())
     os.environ["REDIS_URL"] = _redis_url()
     os.environ.pop("BROKER_URL", None)
-    os.environ["MODEL_ID"] = _tiny_model()
+    os.environ["MODEL_ID"] = str(ensure_model(TEST_DIR / "models" / "tiny"))
     os.environ["PARLEY_ADMIN_KEY"] = "pk_test_admin_" + secrets.token_urlsafe(16)
     # Short enough for the fault tests; the defaults are for production.
     os.environ.setdefault("RECONCILE_INTERVAL_SECONDS", "2")

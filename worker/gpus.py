@@ -140,13 +140,25 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parley worker")
     parser.add_argument("--gpus", default="auto", help="auto, cpu, or GPU indexes such as 0,1")
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="run the one worker in this process's place, with no supervisor to restart it "
+        "(for a process manager that restarts it itself)",
+    )
+    parser.add_argument("--name", help="the worker's name in Celery (one worker only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         gpus = plan(args.gpus)
     except ValueError as exc:
         parser.error(str(exc))
-    specs = [worker_spec(gpu, gpu_count=len(gpus)) for gpu in gpus]
+    if (args.no_restart or args.name) and len(gpus) != 1:
+        parser.error(f"--no-restart and --name run one worker; --gpus {args.gpus} plans {len(gpus)}")
+    specs = [worker_spec(gpu, gpu_count=len(gpus), name=args.name) for gpu in gpus]
+    if args.no_restart:
+        # The worker replaces this process: its signals and its exit are the caller's.
+        os.execve(specs[0].command[0], specs[0].command, specs[0].env)  # noqa: S606
     return Supervisor(specs).run()
 
 

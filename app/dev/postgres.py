@@ -18,7 +18,9 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
+from sqlalchemy.engine import make_url
 
+from app.config import normalize_database_url
 from app.dev.postgres_install import postgres_bin_dir, postgres_system_user
 from app.dev.processes import (
     DirLock,
@@ -37,6 +39,32 @@ _MAX_SOCKET_PATH = 107
 _SAFE_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-")
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy URL of PostgreSQL as libpq (psycopg.connect) takes it."""
+    return (
+        make_url(normalize_database_url(url))
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+
+
+def create_database(server_url: str, name: str, *, drop_existing: bool = False) -> str:
+    """Create database `name` on the server of `server_url` unless it exists (recreate it
+    with `drop_existing`); returns its SQLAlchemy URL."""
+    url = make_url(normalize_database_url(server_url))
+    admin = libpq_url(url.set(database="postgres").render_as_string(hide_password=False))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if found and drop_existing:
+            # FORCE: a run killed midway can leave sessions open on the old database.
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            found = None
+        if not found:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return url.set(database=name).render_as_string(hide_password=False)
 
 
 class LocalPostgres(LocalServer):
@@ -86,17 +114,7 @@ class LocalPostgres(LocalServer):
 
     def create_database(self, name: str, *, drop_existing: bool = False) -> str:
         """Create `name` unless it exists (recreate it with drop_existing); its URL."""
-        with self._connect("postgres") as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            found = exists.fetchone() is not None
-            if found and drop_existing:
-                # FORCE: a test run killed midway can leave sessions open on the old database.
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-                found = False
-            if not found:
-                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return self.url(name)
+        return create_database(self.url(), name, drop_existing=drop_existing)
 
     def stop(self) -> None:
         """Stop the server and wait until its processes are gone. Safe to call at any time."""

@@ -3,9 +3,7 @@ databases, two Celery worker processes running the tiny model, and an API client
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,9 +15,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from app.config import get_settings, next_redis_database
+from app.dev.stack import Stack
 from app.redis import WORKERS_KEY, workers_alive
 from tests.integration.helpers import Api
-from worker.gpus import worker_spec
 
 TABLES = (
     "tenants, api_keys, conversations, jobs, messages, idempotency_keys, "
@@ -54,25 +52,6 @@ def redis_client() -> redis.Redis:
     return client
 
 
-def start_worker(name: str) -> subprocess.Popen[bytes]:
-    """A worker started exactly as `parley worker --gpus cpu` starts one, on one thread."""
-    spec = worker_spec(None, gpu_count=1, name=name)
-    # Two workers share this machine's cores in the tests.
-    spec.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen(spec.command, env=spec.env)
-
-
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Warm shutdown for all at once (SIGTERM), then a kill for any that lingers."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def wait_for_workers(client: redis.Redis, count: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while workers_alive(client) < count:
@@ -85,37 +64,28 @@ def wait_for_workers(client: redis.Redis, count: int, timeout: float = 90) -> No
 def workers(
     database_url: str, redis_client: redis.Redis
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Two real worker processes, as in a two-GPU deployment (reliability F11)."""
+    """Two real worker processes, as in a two-GPU deployment (reliability F11), each started
+    as `parley worker --gpus cpu --no-restart` starts one, on one thread (they share this
+    machine's cores)."""
     redis_client.delete(WORKERS_KEY)
-    procs = [start_worker("test-a"), start_worker("test-b")]
-    try:
+    with Stack({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}) as stack:
+        procs = [stack.turn_worker(gpus="cpu", name=name) for name in ("test-a", "test-b")]
         wait_for_workers(redis_client, 2)
         yield procs
-    finally:
-        stop_processes(procs)
-
-
-def start_io_worker(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """An I/O worker started exactly as `parley io-worker` starts one."""
-    command = [sys.executable, "-m", "app.cli", "io-worker", "--concurrency", "8", "--name", name]
-    return subprocess.Popen(command, env={**os.environ, **env})
 
 
 @pytest.fixture
 def io_workers(
     database_url: str, redis_client: redis.Redis
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Starts real I/O worker processes (`start(**settings)`); all are stopped after the test."""
-    procs: list[subprocess.Popen[bytes]] = []
+    """Starts real I/O worker processes (`start(**settings)`), as `parley io-worker` starts
+    them; all are stopped after the test."""
+    with Stack() as stack:
 
-    def start(**settings: str) -> subprocess.Popen[bytes]:
-        procs.append(start_io_worker(f"test-io-{len(procs)}", settings))
-        return procs[-1]
+        def start(**settings: str) -> subprocess.Popen[bytes]:
+            return stack.io_worker(name=f"test-io-{len(stack.procs)}", **settings)
 
-    try:
         yield start
-    finally:
-        stop_processes(procs)
 
 
 @pytest.fixture(scope="session")

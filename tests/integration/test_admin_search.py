@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, text
 
 from app.auth.service import ensure_tenant
 from app.db import session_scope
+from app.dev.query_plans import explain_service_query
 from app.ids import new_id
 from app.models import Conversation, Job, Message, reply_seq, user_seq
-from bench.b5_server import explain_service_query
 from tests.integration.helpers import Api
 
 pytestmark = pytest.mark.integration

@@ -7,26 +7,16 @@ stalls the API until the pool's timeout and then answers 500s."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
+from app.dev.stack import Stack
 from tests.integration.helpers import Api
 
 pytestmark = pytest.mark.integration
 
 CONCURRENT = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _submit_all(base_url: str, key: str) -> list[int]:
@@ -47,23 +37,9 @@ async def _submit_all(base_url: str, key: str) -> list[int]:
 
 def test_a_burst_of_submissions_is_all_accepted(api_no_workers: Api) -> None:
     key = api_no_workers.create_key("burst")
-    port = _free_port()
-    env = dict(os.environ, LOG_LEVEL="WARNING")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env
-    )
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(base_url + "/livez").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the API did not start"
-                time.sleep(0.2)
-        statuses = asyncio.run(_submit_all(base_url, key))
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    with Stack({"LOG_LEVEL": "WARNING"}) as stack:
+        stack.api()
+        assert stack.wait_ready("/livez", timeout=30), "the API did not start"
+        assert stack.base_url is not None
+        statuses = asyncio.run(_submit_all(stack.base_url, key))
     assert statuses == [202] * CONCURRENT, sorted(set(statuses))

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import redis
 
-from app.dev import LocalPostgres, LocalRedis
+from app.dev.postgres import LocalPostgres
+from app.dev.redis_server import LocalRedis
 
 pytestmark = [
     pytest.mark.integration,
@@ -110,7 +111,7 @@ def test_postgres_adopts_a_server_left_by_a_killed_process(tmp_path: Path) -> No
     child = run_in_child(f"""
         import os, signal
         from pathlib import Path
-        from app.dev import LocalPostgres
+        from app.dev.postgres import LocalPostgres
         LocalPostgres(Path({str(data_dir)!r})).start()
         print("started", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no stop()
@@ -218,7 +219,8 @@ def test_ctrl_c_stops_both_servers(tmp_path: Path) -> None:
     child = run_in_child(f"""
         import time
         from pathlib import Path
-        from app.dev import LocalPostgres, LocalRedis
+        from app.dev.postgres import LocalPostgres
+        from app.dev.redis_server import LocalRedis
         base = Path({str(tmp_path)!r})
         pg, rd = LocalPostgres(base / "pg"), LocalRedis(base / "redis")
         pg.start()

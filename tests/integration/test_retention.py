@@ -4,9 +4,7 @@ run as a function against the real database, and by `parley beat` through a real
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +16,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings, get_settings
 from app.db import session_scope
+from app.dev.stack import Stack
 from app.models import Conversation, Job, Message
 from tests.integration.test_admin_search import seed_conversation
 from worker.io_worker.retention import enforce_retention
@@ -96,11 +95,8 @@ def test_beat_schedules_retention_and_the_io_worker_runs_it(
     old, recent = _seed(40), _seed(1)
     settings = {"TRANSCRIPT_RETENTION_DAYS": "30", "RETENTION_INTERVAL_SECONDS": "1"}
     worker = io_workers(**settings)
-    beat = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "beat", "--data-dir", str(tmp_path)],
-        env={**os.environ, **settings},
-    )
-    try:
+    with Stack(settings) as stack:
+        beat = stack.beat(tmp_path)
         deadline = time.monotonic() + 120
         while _exists(old):
             assert time.monotonic() < deadline, "retention did not run"
@@ -108,9 +104,3 @@ def test_beat_schedules_retention_and_the_io_worker_runs_it(
             time.sleep(0.5)
         assert _exists(recent)
         assert any(tmp_path.iterdir())  # beat keeps its schedule's state there
-    finally:
-        beat.terminate()
-        try:
-            beat.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            beat.kill()

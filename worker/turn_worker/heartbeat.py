@@ -46,7 +46,7 @@ def _metrics_snapshot() -> bytes:
 
     runtime = current_runtime()
     if runtime is not None:
-        metrics.RUNNING_TURNS.set(runtime.engine.batcher.running)
+        metrics.RUNNING_TURNS.set(runtime.engine.running)
     return metrics.snapshot()
 
 

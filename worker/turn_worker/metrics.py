@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from worker.inference.batcher import StepStats
+from worker.inference.engine_types import StepStats
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
