@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 
 def _storable(value: str) -> str:
@@ -45,3 +45,15 @@ class ChatMessage(BaseModel):
 
     role: Literal["user", "assistant"]
     content: str
+
+
+class GenerationSettings(BaseModel):
+    """A job's generation settings, the server's defaults filled in at submit: the API writes
+    them to `jobs.generation` and the worker reads them back as this model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None

@@ -77,6 +77,8 @@ CHINESE_WORDS = [
 ]
 START = datetime(2026, 8, 1, tzinfo=UTC)
 SPAN = timedelta(days=90)
+# Every job's generation settings, as the API stores them (app.schemas.GenerationSettings).
+GENERATION = '{"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": null}'
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _rows(shape: Shape, maker: TextMaker) -> Iterator[tuple[str, str, str]]:
             finished = started + timedelta(milliseconds=rng.randint(200, 3000))
             job = f"job_{c:022d}{turn:04d}"
             jobs.append(
-                f"{job}\t{tenant}\t{conv}\t{turn}\tsucceeded\t{{}}\t{{}}\t1\tf\t"
+                f"{job}\t{tenant}\t{conv}\t{turn}\tsucceeded\t{GENERATION}\t{{}}\t1\tf\t"
                 f"{started.isoformat()}\t{finished.isoformat()}\t{at.isoformat()}\n"
             )
             for seq, words in ((2 * turn - 1, rng.randint(4, 20)), (2 * turn, rng.randint(8, 40))):

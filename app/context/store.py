@@ -7,27 +7,24 @@ it covers exactly the succeeded turns the database says came before the one bein
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import dataclass
 
 import redis
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus, Message
+from app.schemas import ChatMessage
 
 
-@dataclass(frozen=True)
-class ContextMessage:
-    role: str
-    content: str
+class Context(BaseModel):
+    """Stored in Redis as this model's JSON."""
 
+    model_config = ConfigDict(frozen=True)
 
-@dataclass(frozen=True)
-class Context:
     # The last succeeded turn the messages cover (0: none).
     upto_turn: int
-    messages: list[ContextMessage]
+    messages: list[ChatMessage]
 
 
 def _key(conversation_id: str) -> str:
@@ -64,7 +61,9 @@ def load_from_database(
     )
     rows.reverse()
     upto = rows[-1].turn if rows else 0
-    return Context(upto, [ContextMessage(r.role, r.content) for r in rows])
+    return Context(
+        upto_turn=upto, messages=[ChatMessage(role=r.role, content=r.content) for r in rows]
+    )
 
 
 class ContextStore:
@@ -78,18 +77,11 @@ class ContextStore:
         raw = self._redis.get(_key(conversation_id))
         if raw is None:
             return None
-        data = json.loads(str(raw))
-        return Context(
-            data["upto_turn"], [ContextMessage(m["role"], m["content"]) for m in data["messages"]]
-        )
+        return Context.model_validate_json(raw)
 
     def put(self, conversation_id: str, context: Context) -> None:
-        messages = context.messages[-self.max_messages :]
-        payload = {
-            "upto_turn": context.upto_turn,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
-        }
-        self._redis.set(_key(conversation_id), json.dumps(payload), ex=self._ttl)
+        kept = context.model_copy(update={"messages": context.messages[-self.max_messages :]})
+        self._redis.set(_key(conversation_id), kept.model_dump_json(), ex=self._ttl)
 
     def delete(self, conversation_id: str) -> None:
         self._redis.delete(_key(conversation_id))
@@ -116,10 +108,11 @@ class ContextStore:
         return context
 
     def extend(
-        self, conversation_id: str, context: Context, *, turn: int, added: list[ContextMessage]
+        self, conversation_id: str, context: Context, *, turn: int, added: list[ChatMessage]
     ) -> None:
         """After turn `turn` succeeded on top of `context`: cache the context that follows it."""
-        self._put_quietly(conversation_id, Context(turn, [*context.messages, *added]))
+        following = Context(upto_turn=turn, messages=[*context.messages, *added])
+        self._put_quietly(conversation_id, following)
 
     def _put_quietly(self, conversation_id: str, context: Context) -> None:
         # The cache is an optimisation: a Redis outage must not fail a turn.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -14,10 +12,11 @@ from app.jobs import lifecycle
 from app.jobs.schemas import JobCreate
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message, user_seq
 from app.models.base import utcnow
+from app.schemas import GenerationSettings
 from app.webhooks.events import check_submitted_url
 
 
-def resolve_generation(request: JobCreate, settings: Settings) -> dict[str, Any]:
+def resolve_generation(request: JobCreate, settings: Settings) -> GenerationSettings:
     """The request's generation settings with the server's defaults filled in."""
     gen = request.generation
     max_new = gen.max_new_tokens if gen and gen.max_new_tokens is not None else None
@@ -27,12 +26,12 @@ def resolve_generation(request: JobCreate, settings: Settings) -> dict[str, Any]
             f"generation.max_new_tokens may be at most {settings.max_new_tokens_limit}.",
             errors=[{"loc": ["body", "generation", "max_new_tokens"], "msg": "too large"}],
         )
-    return {
-        "max_new_tokens": max_new or settings.default_max_new_tokens,
-        "temperature": gen.temperature if gen and gen.temperature is not None else 0.0,
-        "top_p": gen.top_p if gen and gen.top_p is not None else 1.0,
-        "seed": gen.seed if gen else None,
-    }
+    return GenerationSettings(
+        max_new_tokens=max_new or settings.default_max_new_tokens,
+        temperature=gen.temperature if gen and gen.temperature is not None else 0.0,
+        top_p=gen.top_p if gen and gen.top_p is not None else 1.0,
+        seed=gen.seed if gen else None,
+    )
 
 
 def _check_tenant_capacity(session: Session, *, tenant_id: str, settings: Settings) -> None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, String
+from sqlalchemy import DateTime, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-from app.models.base import CreatedAt
+from app.models.base import CreatedAt, one_of
 
 
 class Scope(enum.StrEnum):
@@ -19,7 +19,7 @@ class ApiKey(CreatedAt, Base):
     """An API key, stored only as the SHA-256 of its secret value."""
 
     __tablename__ = "api_keys"
-    __table_args__ = (CheckConstraint("scope IN ('client', 'admin')", name="scope"),)
+    __table_args__ = (one_of("scope", Scope),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

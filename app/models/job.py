@@ -6,7 +6,6 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
-    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -20,7 +19,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-from app.models.base import CreatedAt
+from app.models.base import CreatedAt, PydanticJSONB, one_of, sql_list
+from app.schemas import GenerationSettings
 
 
 class JobStatus(enum.StrEnum):
@@ -40,9 +40,7 @@ class Job(CreatedAt, Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
-        ),
+        one_of("status", JobStatus),
         # Acceptance order inside a conversation.
         UniqueConstraint("conversation_id", "turn", name="uq_jobs_conversation_turn"),
         # queue_position counts the queued jobs ahead of one.
@@ -50,13 +48,13 @@ class Job(CreatedAt, Base):
             "ix_jobs_queued_order",
             "created_at",
             "id",
-            postgresql_where=text("status = 'queued'"),
+            postgresql_where=text(f"status = '{JobStatus.queued.value}'"),
         ),
         # The per-tenant limit on unfinished jobs, and the reconciler's scans.
         Index(
             "ix_jobs_unfinished_tenant",
             "tenant_id",
-            postgresql_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text(f"status IN ({sql_list(UNFINISHED)})"),
         ),
         # Admin stats over the last hour (migration 0003). Status changes already make job
         # updates non-HOT, so these cost little more on writes.
@@ -69,7 +67,7 @@ class Job(CreatedAt, Base):
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     turn: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
-    generation: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    generation: Mapped[GenerationSettings] = mapped_column(PydanticJSONB(GenerationSettings))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))

@@ -4,11 +4,11 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, text
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-from app.models.base import CreatedAt
+from app.models.base import CreatedAt, one_of
 
 
 class WebhookStatus(enum.StrEnum):
@@ -24,12 +24,12 @@ class WebhookEvent(CreatedAt, Base):
 
     __tablename__ = "webhook_events"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        one_of("status", WebhookStatus),
         # The sweep's scan for due attempts.
         Index(
             "ix_webhook_events_due",
             "next_attempt_at",
-            postgresql_where=text("status = 'pending'"),
+            postgresql_where=text(f"status = '{WebhookStatus.pending.value}'"),
         ),
     )
 

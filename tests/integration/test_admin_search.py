@@ -16,6 +16,7 @@ from app.db import session_scope
 from app.dev.query_plans import explain_service_query
 from app.ids import new_id
 from app.models import Conversation, Job, Message, reply_seq, user_seq
+from app.schemas import GenerationSettings
 from tests.integration.helpers import Api
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def seed_conversation(
                 conversation_id=conversation_id,
                 turn=turn,
                 status=status,
-                generation={},
+                generation=GenerationSettings(max_new_tokens=16),
                 metadata_={},
                 attempts=1,
                 cancel_requested=False,
@@ -321,7 +322,8 @@ def _bulk_messages(conversations: int) -> None:
             "INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation,"
             " metadata, attempts, cancel_requested)"
             " SELECT 'job_bulk' || g || '_' || t, 'bulk', 'conv_bulk' || g, t, 'succeeded',"
-            " '{}', '{}', 1, false FROM generate_series(1, :n) g, generate_series(1, 5) t",
+            " '{\"max_new_tokens\": 16}', '{}', 1, false"
+            " FROM generate_series(1, :n) g, generate_series(1, 5) t",
             "INSERT INTO messages (id, conversation_id, job_id, seq, role, content)"
             " SELECT 'msg_bulk' || g || '_' || s, 'conv_bulk' || g,"
             " 'job_bulk' || g || '_' || ((s + 1) / 2), s,"

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app.context.store import Context, ContextMessage
+from app.context.store import Context
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
 from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
+from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
-from worker.inference.prompt import ChatMessage, PromptTooLong, build_prompt
+from worker.inference.prompt import PromptTooLong, build_prompt
 from worker.turn_worker import metrics
 from worker.turn_worker.celery_app import app
 from worker.turn_worker.runtime import Runtime, start_runtime
@@ -29,8 +33,8 @@ log = logging.getLogger("parley.run_turn")
 
 
 @dataclass(frozen=True)
-class Turn:
-    """What generation needs, read in the claim's transaction."""
+class ClaimedTurn:
+    """A claimed job and what generation needs, read in the claim's transaction."""
 
     claim: lifecycle.Claim
     conversation_id: str
@@ -70,7 +74,7 @@ def run_turn(job_id: str) -> None:
         _finish(runtime, turn, result, context_messages)
 
 
-def _claim(runtime: Runtime, job_id: str) -> Turn | None:
+def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
     settings = runtime.settings
     with session_scope() as session:
         claim = lifecycle.claim(session, job_id=job_id, lease_seconds=settings.turn_lease_seconds)
@@ -87,8 +91,8 @@ def _claim(runtime: Runtime, job_id: str) -> Turn | None:
         )
         if job.started_at is not None:
             metrics.QUEUE_WAIT.observe((job.started_at - job.created_at).total_seconds())
-        gen = job.generation
-        turn = Turn(
+        generation = job.generation
+        turn = ClaimedTurn(
             claim=claim,
             conversation_id=job.conversation_id,
             turn=job.turn,
@@ -96,10 +100,10 @@ def _claim(runtime: Runtime, job_id: str) -> Turn | None:
             message=message,
             context=context,
             params=GenerationParams(
-                max_new_tokens=int(gen["max_new_tokens"]),
-                temperature=float(gen.get("temperature", 0.0)),
-                top_p=float(gen.get("top_p", 1.0)),
-                seed=gen.get("seed"),
+                max_new_tokens=generation.max_new_tokens,
+                temperature=generation.temperature,
+                top_p=generation.top_p,
+                seed=generation.seed,
                 time_limit_s=settings.generation_time_limit_seconds,
             ),
         )
@@ -109,13 +113,12 @@ def _claim(runtime: Runtime, job_id: str) -> Turn | None:
     return turn
 
 
-def _generate(runtime: Runtime, turn: Turn) -> tuple[GenerationResult, int]:
-    history = [ChatMessage(m.role, m.content) for m in turn.context.messages]
+def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, int]:
     try:
         prompt = build_prompt(
             runtime.model.tokenizer,
             system_prompt=turn.system_prompt,
-            history=history,
+            history=turn.context.messages,
             message=turn.message,
             max_context_tokens=runtime.model.max_context_tokens,
             max_new_tokens=turn.params.max_new_tokens,
@@ -135,21 +138,34 @@ def _generate(runtime: Runtime, turn: Turn) -> tuple[GenerationResult, int]:
     return result, prompt.context_messages
 
 
-def _finish(runtime: Runtime, turn: Turn, result: GenerationResult, context_messages: int) -> None:
-    job_id = turn.claim.job_id
-    succeeded = False
+@contextmanager
+def _owned(turn: ClaimedTurn) -> Iterator[tuple[Session, Conversation, Job] | None]:
+    """One transaction over the turn's conversation (locked first, as every job end does) and
+    its job, if this claim still owns it; None when the conversation was deleted or the job
+    re-claimed, and then nothing may be stored."""
     with session_scope() as session:
         conversation = lifecycle.lock_conversation(session, turn.conversation_id)
         job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
         if conversation is None or job is None:
-            log.info("job %s: no longer ours (deleted or re-claimed); storing nothing", job_id)
+            log.info("job %s: no longer ours (deleted or re-claimed)", turn.claim.job_id)
+            yield None
+        else:
+            yield session, conversation, job
+
+
+def _finish(
+    runtime: Runtime, turn: ClaimedTurn, result: GenerationResult, context_messages: int
+) -> None:
+    job_id = turn.claim.job_id
+    with _owned(turn) as owned:
+        if owned is None:
             return
+        session, conversation, job = owned
         job.context_messages = context_messages
         job.prompt_tokens = result.prompt_tokens
         job.completion_tokens = result.completion_tokens
-        if result.finish_reason == "cancelled" or job.cancel_requested:
-            lifecycle.end_job(session, job, JobStatus.cancelled)
-        else:
+        succeeded = result.finish_reason != "cancelled" and not job.cancel_requested
+        if succeeded:
             now = utcnow()
             session.add(
                 Message(
@@ -164,10 +180,12 @@ def _finish(runtime: Runtime, turn: Turn, result: GenerationResult, context_mess
             )
             conversation.message_count += 1
             conversation.updated_at = now
-            lifecycle.end_job(session, job, JobStatus.succeeded)
-            succeeded = True
+        lifecycle.end_job(session, job, JobStatus.succeeded if succeeded else JobStatus.cancelled)
     if succeeded:
-        added = [ContextMessage("user", turn.message), ContextMessage("assistant", result.text)]
+        added = [
+            ChatMessage(role="user", content=turn.message),
+            ChatMessage(role="assistant", content=result.text),
+        ]
         runtime.context.extend(turn.conversation_id, turn.context, turn=turn.turn, added=added)
     _ended(turn, "succeeded" if succeeded else "cancelled")
     if result.time_to_first_token_s is not None:
@@ -182,36 +200,33 @@ def _finish(runtime: Runtime, turn: Turn, result: GenerationResult, context_mess
     )
 
 
-def _finish_failed(turn: Turn, code: str, message: str) -> None:
-    with session_scope() as session:
-        conversation = lifecycle.lock_conversation(session, turn.conversation_id)
-        job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
-        if job is None:
+def _finish_failed(turn: ClaimedTurn, code: str, message: str) -> None:
+    with _owned(turn) as owned:
+        if owned is None:
             return
+        session, _, job = owned
         lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
     log.warning("job %s failed: %s", turn.claim.job_id, code)
     _ended(turn, "failed")
 
 
-def _ended(turn: Turn, status: str) -> None:
-    metrics.RUN_TIME.observe(time.monotonic() - turn.claimed_at)
-    metrics.TURNS_ENDED.labels(status).inc()
-    _announce(turn.claim.job_id)
-
-
-def _retry(turn: Turn) -> None:
-    with session_scope() as session:
-        if lifecycle.lock_conversation(session, turn.conversation_id) is None:
+def _retry(turn: ClaimedTurn) -> None:
+    with _owned(turn) as owned:
+        if owned is None:
             return
-        job = lifecycle.owned_job(session, turn.claim)
-        if job is None:
-            return
+        session, _, job = owned
         if job.cancel_requested:
             # A cancelled turn is not tried again: queued with the flag, no worker would
             # claim it and its conversation would wait behind it for ever.
             lifecycle.end_job(session, job, JobStatus.cancelled)
         else:
             lifecycle.requeue(session, job)
+
+
+def _ended(turn: ClaimedTurn, status: str) -> None:
+    metrics.RUN_TIME.observe(time.monotonic() - turn.claimed_at)
+    metrics.TURNS_ENDED.labels(status).inc()
+    _announce(turn.claim.job_id)
 
 
 def _announce(job_id: str) -> None:
