@@ -22,7 +22,9 @@ dev: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict app worker celeryconfig.py
+	$(BIN)/mypy --strict app worker bench celeryconfig.py
+	# The layers of architecture.md: import-linter contracts in pyproject.toml.
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if (args.no_restart or args.name) and len(gpus) != 1:
-        parser.error(f"--no-restart and --name run one worker; --gpus {args.gpus} plans {len(gpus)}")
+        parser.error(f"--no-restart and --name run one worker; --gpus {args.gpus} is {len(gpus)}")
     specs = [worker_spec(gpu, gpu_count=len(gpus), name=args.name) for gpu in gpus]
     if args.no_restart:
         # The worker replaces this process: its signals and its exit are the caller's.
