@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from app.config import get_settings
+from app.logs import configure_logging
 from celeryconfig import TURNS_QUEUE
 
 log = logging.getLogger("parley.gpus")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", help="the worker's name in Celery (one worker only)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     try:
         gpus = plan(args.gpus)
     except ValueError as exc:

@@ -78,9 +78,18 @@ class Stack:
         self.procs: list[Process] = []
         self.base_url: str | None = None
 
-    def start(self, argv: list[str], **settings: str) -> Process:
-        """Run `python -m <argv>` with the stack's environment plus `settings`."""
-        proc = subprocess.Popen([sys.executable, "-m", *argv], env={**self.env, **settings})
+    def start(
+        self, argv: list[str], *, settings: Mapping[str, str] | None = None, log: Path | None = None
+    ) -> Process:
+        """Run `python -m <argv>` with the stack's environment plus `settings`; its output
+        goes to this process's, or is appended to the file `log`."""
+        env = {**self.env, **(settings or {})}
+        command = [sys.executable, "-m", *argv]
+        if log is None:
+            proc = subprocess.Popen(command, env=env)
+        else:
+            with log.open("ab") as out:
+                proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -91,25 +100,30 @@ class Stack:
         return self.start(["app.cli", "api", "--host", host, "--port", str(port)])
 
     def turn_worker(
-        self, *, gpus: str = "auto", name: str | None = None, **settings: str
+        self,
+        *,
+        gpus: str = "auto",
+        name: str | None = None,
+        log: Path | None = None,
+        **settings: str,
     ) -> Process:
         """`parley worker`. With `name`: the one worker itself, with no supervisor to restart
         it (`--no-restart`), so that killing the returned process kills the worker."""
         argv = ["app.cli", "worker", "--gpus", gpus]
         if name is not None:
             argv += ["--no-restart", "--name", name]
-        return self.start(argv, **settings)
+        return self.start(argv, settings=settings, log=log)
 
     def io_worker(
         self, *, concurrency: int = 8, name: str = "parley-io", **settings: str
     ) -> Process:
         """`parley io-worker`: webhook deliveries and maintenance tasks."""
         argv = ["app.cli", "io-worker", "--concurrency", str(concurrency), "--name", name]
-        return self.start(argv, **settings)
+        return self.start(argv, settings=settings)
 
     def beat(self, data_dir: Path, **settings: str) -> Process:
         """`parley beat`, keeping its schedule's state in `data_dir`."""
-        return self.start(["app.cli", "beat", "--data-dir", str(data_dir)], **settings)
+        return self.start(["app.cli", "beat", "--data-dir", str(data_dir)], settings=settings)
 
     def wait_ready(
         self, path: str = "/readyz", *, timeout: float = 180, stop: threading.Event | None = None

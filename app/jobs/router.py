@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from typing import Annotated
@@ -16,6 +17,7 @@ from app.jobs import idempotency, service
 from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
 from app.jobs.waiter import JobWaiter
+from app.logs import log_context
 from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL
 from app.pagination import CursorQuery, LimitQuery, Page
@@ -24,6 +26,7 @@ from app.webhooks import events as webhook_events
 from app.webhooks.schemas import WebhookAttemptOut, WebhookState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("parley.jobs")
 
 IdempotencyKeyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
@@ -60,6 +63,13 @@ def submit_job(
             idempotency.complete(session, tenant_id=tenant, key=idempotency_key, job_id=job.id)
         session.commit()
         JOBS_SUBMITTED.inc()
+        with log_context(job_id=job.id):
+            log.info(
+                "job accepted: tenant %s, conversation %s, turn %d",
+                tenant,
+                job.conversation_id,
+                job.turn,
+            )
     except BaseException:
         session.rollback()
         if idempotency_key is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,10 @@ from app.config import get_settings, next_redis_database
 from app.dev.stack import Stack
 from app.redis import WORKERS_KEY, workers_alive
 from tests.integration.helpers import Api
+
+# The session's turn workers write their logs here (read by test_logs.py; look here when a
+# turn fails in a test).
+WORKER_LOG = Path(__file__).resolve().parents[2] / ".parley" / "test" / "workers.log"
 
 TABLES = (
     "tenants, api_keys, conversations, jobs, messages, idempotency_keys, "
@@ -66,10 +71,15 @@ def workers(
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Two real worker processes, as in a two-GPU deployment (reliability F11), each started
     as `parley worker --gpus cpu --no-restart` starts one, on one thread (they share this
-    machine's cores)."""
+    machine's cores). Their logs, at INFO, go to WORKER_LOG."""
     redis_client.delete(WORKERS_KEY)
-    with Stack({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}) as stack:
-        procs = [stack.turn_worker(gpus="cpu", name=name) for name in ("test-a", "test-b")]
+    WORKER_LOG.unlink(missing_ok=True)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LOG_LEVEL": "INFO"}
+    with Stack(env) as stack:
+        procs = [
+            stack.turn_worker(gpus="cpu", name=name, log=WORKER_LOG)
+            for name in ("test-a", "test-b")
+        ]
         wait_for_workers(redis_client, 2)
         yield procs
 

@@ -49,9 +49,24 @@ def _metrics(api: Api) -> str:
     return api.request("GET", "/metrics", None).text
 
 
+def _settled_metrics(api: Api, timeout: float = 20) -> str:
+    """/metrics once the workers have published everything they did before: no turn running
+    and the counts unchanged across two heartbeats (turns of earlier tests may still end)."""
+    deadline = time.monotonic() + timeout
+    last = _metrics(api)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)  # more than two heartbeats (one second in the tests)
+        now = _metrics(api)
+        idle = _total(now, "parley_worker_running_turns{") == 0
+        if idle and all(_total(now, name) == _total(last, name) for name in WORKER_COUNTS):
+            return now
+        last = now
+    raise AssertionError("the workers' metrics did not settle")
+
+
 def test_metrics_count_this_tests_turns_batches_and_tokens(api: Api) -> None:
     key = api.create_key("acme")
-    before = _metrics(api)
+    before = _settled_metrics(api)
     submitted_before = _sample(before, "parley_jobs_submitted_total") or 0.0
     jobs = [
         api.submit(key, message=f"turn {i}", generation={"max_new_tokens": 8}) for i in range(TURNS)
@@ -70,7 +85,7 @@ def test_metrics_count_this_tests_turns_batches_and_tokens(api: Api) -> None:
     while min(grown(after).values()) < TURNS and time.monotonic() < deadline:
         time.sleep(0.3)
         after = _metrics(api)
-    assert grown(after) == dict.fromkeys(WORKER_COUNTS, TURNS), after
+    assert grown(after) == dict.fromkeys(WORKER_COUNTS, TURNS), grown(after)
 
     # One token per turn per decoding step: the tokens counted are the tokens the jobs report,
     # and the batch sizes observed add up to them.

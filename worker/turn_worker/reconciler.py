@@ -15,6 +15,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import session_scope
 from app.jobs import lifecycle
+from app.logs import log_context
 from app.models import Job, JobStatus
 from app.models.base import utcnow
 
@@ -45,6 +46,7 @@ def reconcile(settings: Settings, *, redispatch_after: timedelta) -> tuple[int, 
                 continue
             if job.cancel_requested:
                 lifecycle.end_job(session, job, JobStatus.cancelled)
+                outcome = "cancelled, as asked"
             elif job.attempts >= settings.max_turn_attempts:
                 lifecycle.end_job(
                     session,
@@ -53,8 +55,12 @@ def reconcile(settings: Settings, *, redispatch_after: timedelta) -> tuple[int, 
                     error_code="worker_lost",
                     error_message="The worker running this turn died.",
                 )
+                outcome = f"failed after {job.attempts} attempts"
             else:
                 lifecycle.requeue(session, job)
+                outcome = "queued again"
+        with log_context(job_id=job_id):
+            log.warning("its lease expired (worker presumed lost); %s", outcome)
     with session_scope() as session:
         stale = list(
             session.execute(
@@ -73,6 +79,9 @@ def reconcile(settings: Settings, *, redispatch_after: timedelta) -> tuple[int, 
         for job in stale:
             lifecycle.dispatch(session, job)
         sent = len(stale)
+    for job in stale:
+        with log_context(job_id=job.id):
+            log.info("queued with no broker message seen; sent again")
     if expired or sent:
         log.info(
             "reconciled: %d expired running jobs, %d queued jobs sent again", len(expired), sent

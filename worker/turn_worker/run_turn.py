@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.context.store import Context
 from app.db import session_scope
 from app.jobs import lifecycle
+from app.logs import log_context
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
 from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
@@ -55,17 +56,23 @@ class TurnFailed(Exception):
 
 @app.task(name="parley.run_turn", ignore_result=True)
 def run_turn(job_id: str) -> None:
+    # Every log line of the turn, the engine's included, carries its job id (invariant 7).
+    with log_context(job_id=job_id):
+        _run(job_id)
+
+
+def _run(job_id: str) -> None:
     runtime = start_runtime()
     turn = _claim(runtime, job_id)
     if turn is None:
         return
-    log.info("job %s claimed (attempt %d)", job_id, turn.claim.attempts)
+    log.info("claimed (attempt %d)", turn.claim.attempts)
     try:
         result, context_messages = _generate(runtime, turn)
     except TurnFailed as failure:
         _finish_failed(turn, failure.code, failure.message)
     except Exception as exc:
-        log.exception("job %s: generation failed", job_id)
+        log.exception("generation failed")
         if turn.claim.attempts >= runtime.settings.max_turn_attempts:
             _finish_failed(turn, "generation_error", f"Generation failed: {type(exc).__name__}")
         else:
@@ -79,7 +86,7 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
     with session_scope() as session:
         claim = lifecycle.claim(session, job_id=job_id, lease_seconds=settings.turn_lease_seconds)
         if claim is None:
-            log.info("job %s: not claimable (ended, running elsewhere or not next)", job_id)
+            log.info("not claimable (ended, running elsewhere or not next)")
             return None
         job = session.get_one(Job, job_id)
         conversation = session.get_one(Conversation, job.conversation_id)
@@ -147,7 +154,7 @@ def _owned(turn: ClaimedTurn) -> Iterator[tuple[Session, Conversation, Job] | No
         conversation = lifecycle.lock_conversation(session, turn.conversation_id)
         job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
         if conversation is None or job is None:
-            log.info("job %s: no longer ours (deleted or re-claimed)", turn.claim.job_id)
+            log.info("no longer ours (deleted or re-claimed); storing nothing")
             yield None
         else:
             yield session, conversation, job
@@ -191,8 +198,7 @@ def _finish(
     if result.time_to_first_token_s is not None:
         metrics.TIME_TO_FIRST_TOKEN.observe(result.time_to_first_token_s)
     log.info(
-        "job %s %s: %d prompt + %d completion tokens (%s)",
-        job_id,
+        "%s: %d prompt + %d completion tokens (%s)",
         "succeeded" if succeeded else "cancelled",
         result.prompt_tokens,
         result.completion_tokens,
@@ -206,7 +212,7 @@ def _finish_failed(turn: ClaimedTurn, code: str, message: str) -> None:
             return
         session, _, job = owned
         lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
-    log.warning("job %s failed: %s", turn.claim.job_id, code)
+    log.warning("failed: %s", code)
     _ended(turn, "failed")
 
 
@@ -236,4 +242,4 @@ def _announce(job_id: str) -> None:
         redis.delete(cancel_key(job_id))
     except Exception:
         # Waiting clients re-read the job every few seconds anyway.
-        log.warning("job %s: could not announce its end", job_id)
+        log.warning("could not announce its end")
