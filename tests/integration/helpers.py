@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -51,3 +52,33 @@ class Api:
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             assert time.monotonic() < deadline, f"job {job_id} still {job['status']}"
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics", None).text
+
+    def settled_metrics(self, counts: Iterable[str], timeout: float = 20) -> str:
+        """/metrics once the workers have published everything they did before: no turn
+        running and the `counts` (sample prefixes, see worker_total) unchanged across two
+        heartbeats, since turns of earlier tests may still be ending."""
+        counts = list(counts)
+        deadline = time.monotonic() + timeout
+        last = self.metrics()
+        while time.monotonic() < deadline:
+            time.sleep(2.5)  # more than two heartbeats (one second in the tests)
+            now = self.metrics()
+            idle = worker_total(now, "parley_worker_running_turns{") == 0
+            if idle and all(worker_total(now, c) == worker_total(last, c) for c in counts):
+                return now
+            last = now
+        raise AssertionError("the workers' metrics did not settle")
+
+
+def worker_total(text: str, prefix: str, *, worker: str | None = None) -> float:
+    """The sum of the /metrics samples on lines that start with `prefix` and carry a worker
+    label (`worker`'s only, if given)."""
+    label = 'worker="' if worker is None else f'worker="{worker}@'
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and label in line
+    )

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import update
 
 from app.db import session_scope
 from app.models import Job
+from app.redis import WORKERS_KEY, report_worker_alive, workers_alive
 from tests.integration.helpers import Api
 from tests.integration.test_admin_search import seed_conversation
 
@@ -99,7 +101,9 @@ def test_parley_export_writes_jsonl(api_no_workers: Api, tmp_path: Path) -> None
     assert "since" in refused.stderr
 
 
-def test_stats_per_status_tenant_and_percentiles(api_no_workers: Api) -> None:
+def test_stats_per_status_tenant_and_percentiles(
+    api_no_workers: Api, redis_client: redis.Redis
+) -> None:
     api = api_no_workers
     now = datetime.now(UTC)
     conversations = [
@@ -133,7 +137,14 @@ def test_stats_per_status_tenant_and_percentiles(api_no_workers: Api) -> None:
                 finished_at=now - timedelta(hours=2),
             )
         )
-    answer = api.request("GET", "/v1/admin/stats", api.admin_key)
+    # Two more workers report in (the session's real ones may be alive too, or not).
+    alive_before = workers_alive(redis_client)
+    for name in ("stats-a", "stats-b"):
+        report_worker_alive(redis_client, name)
+    try:
+        answer = api.request("GET", "/v1/admin/stats", api.admin_key)
+    finally:
+        redis_client.zrem(WORKERS_KEY, "stats-a", "stats-b")
     assert answer.status_code == 200, answer.text
     stats = answer.json()
     total, tenants = stats["total"], {t["tenant"]: t for t in stats["tenants"]}
@@ -149,5 +160,5 @@ def test_stats_per_status_tenant_and_percentiles(api_no_workers: Api) -> None:
     assert tenants["globex"]["run_time_seconds"] == {"p50": None, "p95": None, "count": 0}
     assert total["queue_wait_seconds"] == {"p50": 3.0, "p95": 18.0, "count": 5}
     assert stats["window_seconds"] == 3600
-    assert isinstance(stats["workers_alive"], int)
+    assert stats["workers_alive"] == alive_before + 2
     assert isinstance(stats["broker_queue_length"], int)

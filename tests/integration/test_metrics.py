@@ -16,7 +16,7 @@ from app.db import session_scope
 from app.ids import new_id
 from app.models import Conversation, Job, JobStatus
 from app.schemas import GenerationSettings
-from tests.integration.helpers import Api
+from tests.integration.helpers import Api, worker_total
 
 pytestmark = pytest.mark.integration
 
@@ -31,42 +31,14 @@ WORKER_COUNTS = (
 )
 
 
-def _total(text: str, prefix: str) -> float:
-    """The sum of the samples on lines that start with `prefix` and carry a worker label."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(prefix) and 'worker="' in line
-    )
-
-
 def _sample(text: str, line_start: str) -> float | None:
     found = re.search(rf"^{re.escape(line_start)} (\S+)$", text, re.M)
     return None if found is None else float(found.group(1))
 
 
-def _metrics(api: Api) -> str:
-    return api.request("GET", "/metrics", None).text
-
-
-def _settled_metrics(api: Api, timeout: float = 20) -> str:
-    """/metrics once the workers have published everything they did before: no turn running
-    and the counts unchanged across two heartbeats (turns of earlier tests may still end)."""
-    deadline = time.monotonic() + timeout
-    last = _metrics(api)
-    while time.monotonic() < deadline:
-        time.sleep(2.5)  # more than two heartbeats (one second in the tests)
-        now = _metrics(api)
-        idle = _total(now, "parley_worker_running_turns{") == 0
-        if idle and all(_total(now, name) == _total(last, name) for name in WORKER_COUNTS):
-            return now
-        last = now
-    raise AssertionError("the workers' metrics did not settle")
-
-
 def test_metrics_count_this_tests_turns_batches_and_tokens(api: Api) -> None:
     key = api.create_key("acme")
-    before = _settled_metrics(api)
+    before = api.settled_metrics(WORKER_COUNTS)
     submitted_before = _sample(before, "parley_jobs_submitted_total") or 0.0
     jobs = [
         api.submit(key, message=f"turn {i}", generation={"max_new_tokens": 8}) for i in range(TURNS)
@@ -77,24 +49,30 @@ def test_metrics_count_this_tests_turns_batches_and_tokens(api: Api) -> None:
     completion_tokens = sum(per_job)
 
     def grown(text: str) -> dict[str, float]:
-        return {name: _total(text, name) - _total(before, name) for name in WORKER_COUNTS}
+        return {
+            name: worker_total(text, name) - worker_total(before, name) for name in WORKER_COUNTS
+        }
 
     # Workers publish their metrics with each heartbeat (every second in the tests).
     deadline = time.monotonic() + 15
-    after = _metrics(api)
+    after = api.metrics()
     while min(grown(after).values()) < TURNS and time.monotonic() < deadline:
         time.sleep(0.3)
-        after = _metrics(api)
+        after = api.metrics()
     assert grown(after) == dict.fromkeys(WORKER_COUNTS, TURNS), grown(after)
 
     # One token per turn per decoding step: the tokens counted are the tokens the jobs report,
     # and the batch sizes observed add up to them.
     tokens = "parley_worker_generated_tokens_total{"
-    assert _total(after, tokens) - _total(before, tokens) == completion_tokens
+    assert worker_total(after, tokens) - worker_total(before, tokens) == completion_tokens
     batch_sum = "parley_worker_batch_size_sum{"
-    assert _total(after, batch_sum) - _total(before, batch_sum) == completion_tokens
+    assert worker_total(after, batch_sum) - worker_total(before, batch_sum) == completion_tokens
     steps = "parley_worker_batch_size_count{"
-    assert max(per_job) <= _total(after, steps) - _total(before, steps) <= completion_tokens
+    assert (
+        max(per_job)
+        <= worker_total(after, steps) - worker_total(before, steps)
+        <= completion_tokens
+    )
 
     assert _sample(after, "parley_jobs_submitted_total") == submitted_before + TURNS
     # From the database: nothing of this test is left queued or running.
@@ -131,7 +109,7 @@ def test_unfinished_jobs_are_counted_from_the_database(api: Api) -> None:
                     enqueued_at=now,
                 )
             )
-    text = _metrics(api)
+    text = api.metrics()
     assert _sample(text, 'parley_jobs_unfinished{status="queued"}') == 3
     assert _sample(text, 'parley_jobs_unfinished{status="running"}') == 1
 

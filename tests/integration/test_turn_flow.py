@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
+import time
 
 import pytest
 import redis
 
-from tests.integration.helpers import Api
+from tests.integration.helpers import Api, worker_total
 
 pytestmark = pytest.mark.integration
+
+ENDED = 'parley_turns_ended_total{status="succeeded"'
+WORKERS = ("test-a", "test-b")  # the session's workers (conftest.py)
 
 
 def test_two_turns_build_a_transcript_in_order(api: Api) -> None:
@@ -75,8 +80,15 @@ def test_context_is_the_same_without_redis_copy(api: Api, redis_client: redis.Re
     for flush in (False, True):
         first = api.submit(key, message="Remember the number 42.", system_prompt="Be brief.")
         api.wait(key, first["id"])
+        cached_key = f"parley:context:{first['conversation_id']}"
+        # The worker caches the context after storing the end: it may land a moment later.
+        deadline = time.monotonic() + 10
+        while not redis_client.exists(cached_key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(str(redis_client.get(cached_key)))["upto_turn"] == 1
         if flush:
             redis_client.flushdb()
+            assert not redis_client.exists(cached_key)
         second = api.submit(key, message="Which number?", conversation_id=first["conversation_id"])
         results.append(api.wait(key, second["id"]))
     cached, rebuilt = results
@@ -90,6 +102,7 @@ def test_turns_of_one_conversation_run_in_order_across_two_workers(api: Api) -> 
     """Reliability F11: two turns submitted back to back, two workers: run in order, and the
     second's prompt holds the first's reply."""
     key = api.create_key("acme")
+    before = api.settled_metrics([ENDED])
     first = api.submit(key, message="one", generation={"max_new_tokens": 64})
     second = api.submit(key, message="two", conversation_id=first["conversation_id"])
     assert second["status"] == "queued"
@@ -112,6 +125,12 @@ def test_turns_of_one_conversation_run_in_order_across_two_workers(api: Api) -> 
         assert [j["context_messages"] for j in ended] == [0, 2, 4]
         for earlier, later in itertools.pairwise(ended):
             assert later["started_at"] >= earlier["finished_at"]
+    # Both workers took turns: the order held across workers, not on one by chance.
+    after = api.settled_metrics([ENDED])
+    for worker in WORKERS:
+        assert worker_total(after, ENDED, worker=worker) > worker_total(
+            before, ENDED, worker=worker
+        )
 
 
 def test_prefer_wait_is_applied(api: Api) -> None:

@@ -132,6 +132,9 @@ def test_a_cancelled_job_sends_job_cancelled_and_jobs_without_url_send_nothing(
     assert delivery.payload["data"]["status"] == "cancelled"
     assert api.wait(key, plain["id"])["webhook"] is None
     assert attempts(api, key, plain["id"]) == []
+    # One event in all: none was written for the jobs without a webhook_url.
+    with session_scope() as session:
+        assert list(session.execute(select(WebhookEvent.job_id)).scalars()) == [second["id"]]
 
 
 def test_rotation_signs_with_both_secrets_for_24_hours(

@@ -266,7 +266,12 @@ def test_a_killed_io_worker_loses_no_retry(
     wait_webhook(api, key, job["id"], "delivered")
     assert [d.webhook_id for d in receiver.deliveries] == [event_id_of(job["id"])]
     log = attempts(api, key, job["id"])
-    assert log[-1]["status_code"] == 200
+    # The new worker went on from the recorded attempts: none lost, none numbered twice.
+    assert [a["attempt"] for a in log] == list(range(1, len(log) + 1))
+    assert len(log) > killed_after
+    assert webhook(api, key, job["id"])["attempts"] == len(log)
+    assert [a["status_code"] for a in log][-1] == 200
+    assert all(a["status_code"] != 200 for a in log[:-1])
     figures("kill between attempts", attempts_before_kill=killed_after, attempts=len(log))
 
 
