@@ -2,6 +2,9 @@
 
 Commands that need the model stack run it in a child process (`python -m worker...`), so
 that this module, shared with the API, never imports torch or the worker (invariant 5).
+Each command imports what only it uses when it runs: `parley api` and the workers start
+without loading the others' packages (the embedded servers of `parley dev` are not in the
+images, for one).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Annotated
 import typer
 
 from app.config import get_settings
+from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 from app.migrate import upgrade_database
 
 cli = typer.Typer(
@@ -86,8 +90,6 @@ def io_worker(
     """Run the I/O worker: webhook deliveries and their retry sweep, and maintenance tasks. It
     never loads the model and needs no GPU; run one or more wherever the database and the
     broker can be reached."""
-    from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
-
     command = [sys.executable, "-m", "celery", "-A", "worker.io_worker.celery_app", "worker"]
     command += ["--pool", "threads", "--concurrency", str(concurrency)]
     command += ["--queues", f"{WEBHOOKS_QUEUE},{MAINTENANCE_QUEUE}", "--hostname", f"{name}@%h"]

@@ -19,7 +19,8 @@ app.conf.include = ["worker.turn_worker.run_turn"]
 @worker_init.connect
 def _load_model(**_: Any) -> None:
     # Loaded once per worker process, before it takes any task; the GPU launcher has set
-    # CUDA_VISIBLE_DEVICES before this process started (invariant 6).
+    # CUDA_VISIBLE_DEVICES before this process started (invariant 6). Imported here, not with
+    # the app, so that Celery's control commands (`celery -A ... inspect`) load no torch.
     from worker.turn_worker.runtime import start_runtime
 
     configure_logging()

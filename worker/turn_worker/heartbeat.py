@@ -42,6 +42,7 @@ def _loop(name: str) -> None:
 
 
 def _metrics_snapshot() -> bytes:
+    # Not at the top: this module is imported with the Celery app, which loads no torch.
     from worker.turn_worker.runtime import current_runtime
 
     runtime = current_runtime()
