@@ -19,8 +19,8 @@ from typing import Annotated
 import typer
 
 from app.config import get_settings
-from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 from app.migrate import upgrade_database
+from celeryconfig import MAINTENANCE_QUEUE, WEBHOOKS_QUEUE
 
 cli = typer.Typer(
     help="Parley: a queue-backed asynchronous job API for multi-turn chat.",
