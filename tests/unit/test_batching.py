@@ -100,26 +100,62 @@ def test_greedy_output_is_the_same_batched_or_alone(
 def test_turns_that_join_a_running_batch_match_alone(
     loaded: LoadedModel, prompts: list[Prompt]
 ) -> None:
-    engine = Engine(loaded, max_batch=4)
     long_params = GenerationParams(max_new_tokens=300)
     short = GenerationParams(max_new_tokens=20)
-    alone_long = engine.generate(prompts[1], long_params)
-    alone_short = [engine.generate(p, short) for p in prompts[2:6]]
-    started = threading.Event()
+    solo = Engine(loaded, max_batch=4)
+    alone_long = solo.generate(prompts[1], long_params)
+    alone_short = [solo.generate(p, short) for p in prompts[2:6]]
+
+    # The short turns are submitted once the long one has decoded a step, and the loop is held
+    # in that step until all four are queued: a turn polls should_cancel a second time only
+    # after it has submitted its request and waited for it.
+    recorder = Recorder()
+    decoding = threading.Event()
+    queued = threading.Event()
+    polls = [0] * 4
+    lock = threading.Lock()
+
+    def on_step(stats: StepStats) -> None:
+        recorder(stats)
+        if len(recorder.batch_sizes) == 1:
+            decoding.set()
+            queued.wait(10)
+
+    def cancel_when(i: int) -> Callable[[], bool]:
+        def should_cancel() -> bool:
+            with lock:
+                polls[i] += 1
+                if min(polls) >= 2:
+                    queued.set()
+            return False
+
+        return should_cancel
+
+    engine = Engine(loaded, max_batch=4, on_step=on_step)
     results: dict[str, GenerationResult] = {}
 
     def long_turn() -> None:
-        started.set()
         results["long"] = engine.generate(prompts[1], long_params)
 
     thread = threading.Thread(target=long_turn)
     thread.start()
-    started.wait()
+    assert decoding.wait(60), "the long turn never decoded a step"
     # Four more than the batch has room for beside the long one: some wait for a slot.
-    joined = _together(engine, prompts[2:6], [short] * 4)
+    joined = _together(engine, prompts[2:6], [short] * 4, cancel_when)
     thread.join(60)
+    assert queued.is_set()
     assert results["long"].text == alone_long.text
     assert [r.text for r in joined] == [r.text for r in alone_short]
+
+    # A step makes one token for each turn in it, and the long turn, first in, is in every
+    # step up to its last; the steps before its last are all recorded once it has returned.
+    sizes = recorder.batch_sizes
+    before_last = results["long"].completion_tokens - 1
+    short_tokens = sum(r.completion_tokens for r in joined)
+    assert sizes[0] == 1, "the long turn did not decode alone first"
+    assert max(sizes[:before_last]) == 4, "the batch never filled while the long turn ran"
+    # Every short turn, the one that waited for a slot too, ran entirely beside the long one.
+    assert sum(sizes[:before_last]) == before_last + short_tokens, sizes
 
 
 def test_seeded_sampling_holds_inside_a_batch(loaded: LoadedModel, prompts: list[Prompt]) -> None:

@@ -100,16 +100,13 @@ def test_cancellation_stops_generation_early(engine: Engine, prompt: Prompt) -> 
         return len(calls) >= 2  # not at the start, at the next check
 
     max_new = engine.loaded.max_context_tokens - len(prompt.input_ids)
-    started = time.monotonic()
     result = engine.generate(prompt, GenerationParams(max_new), should_cancel=should_cancel)
-    elapsed = time.monotonic() - started
 
     assert result.finish_reason == "cancelled"
     assert 0 < result.completion_tokens < max_new
     assert len(calls) == 2
     # Throttled: a network call per token would be far more often than this.
     assert calls[1] - calls[0] >= engine_module.CANCEL_CHECK_INTERVAL_S
-    assert elapsed < 5
 
 
 def test_time_cap_stops_with_reason_time(engine: Engine, prompt: Prompt) -> None:

@@ -135,8 +135,19 @@ def test_a_cached_prefix_is_prefilled_alone_and_first() -> None:
 
 def test_wake_returns_from_a_waiting_schedule() -> None:
     scheduler = Scheduler(max_batch=2)
-    threading.Timer(0.05, scheduler.wake).start()
-    assert scheduler.schedule(running=0) == []
+    returned: list[list[Any]] = []
+    waiting = threading.Thread(
+        target=lambda: returned.append(scheduler.schedule(running=0)), daemon=True
+    )
+    waiting.start()
+    # With nothing running and nothing waiting, schedule blocks...
+    waiting.join(0.1)
+    assert waiting.is_alive(), "schedule(running=0) returned with nothing to admit"
+    # ...until woken, and then admits nothing.
+    scheduler.wake()
+    waiting.join(5)
+    assert not waiting.is_alive(), "wake did not end a waiting schedule"
+    assert returned == [[]]
 
 
 # -- the cache manager, against plain torch -----------------------------------------------
