@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -54,9 +54,11 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: int = Field(default=60, ge=0)
-    # A running job whose worker has not finished it by then is presumed dead and re-queued.
-    turn_lease_seconds: int = Field(default=600, ge=10)
-    reconcile_interval_seconds: int = Field(default=30, ge=1)
+    # A running turn's claim lasts this long and its worker renews it with each heartbeat:
+    # a worker that stops renewing (it died) loses its turns to the reconciler, which runs
+    # them again. Compared on the database's clock. More than two heartbeats.
+    turn_lease_seconds: int = Field(default=30, ge=2)
+    reconcile_interval_seconds: int = Field(default=10, ge=1)
     worker_heartbeat_seconds: int = Field(default=10, ge=1)
 
     # Webhooks. Networks (comma-separated CIDRs) a webhook may reach although not public.
@@ -108,6 +110,15 @@ class Settings(BaseSettings):
                 raise ValueError("each delay must be a positive number of seconds")
             return delays
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Self:
+        if self.turn_lease_seconds <= 2 * self.worker_heartbeat_seconds:
+            raise ValueError(
+                "TURN_LEASE_SECONDS must exceed two WORKER_HEARTBEAT_SECONDS: a lease is renewed "
+                "with each heartbeat, and one late heartbeat must not lose a live turn"
+            )
+        return self
 
     @property
     def celery_broker_url(self) -> str:

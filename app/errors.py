@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("parley.errors")
@@ -130,6 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DataError, _data)
     app.add_exception_handler(OperationalError, _database)
     app.add_exception_handler(InterfaceError, _database)
+    # No connection free in the pool within its timeout: the database is overloaded or away.
+    app.add_exception_handler(PoolTimeoutError, _database)
     app.add_exception_handler(RedisConnectionError, _database)
     app.add_exception_handler(RedisTimeoutError, _database)
     app.add_exception_handler(Exception, _unexpected)

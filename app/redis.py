@@ -30,6 +30,18 @@ def get_redis() -> redis.Redis:
     )
 
 
+@lru_cache
+def get_broker_redis() -> redis.Redis:
+    """The broker's Redis (BROKER_URL, or REDIS_URL's next database), for what Parley keeps
+    beside Celery's queues there and for checking its eviction policy."""
+    return redis.Redis.from_url(
+        get_settings().celery_broker_url,
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+    )
+
+
 def cancel_key(job_id: str) -> str:
     return f"parley:cancel:{job_id}"
 

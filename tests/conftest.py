@@ -54,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Short enough for the fault tests; the defaults are for production.
     os.environ.setdefault("RECONCILE_INTERVAL_SECONDS", "2")
     os.environ.setdefault("WORKER_HEARTBEAT_SECONDS", "1")
+    os.environ.setdefault("TURN_LEASE_SECONDS", "4")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     # Webhook receivers in the tests listen on loopback, which the SSRF guard refuses otherwise.
     os.environ.setdefault("WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")

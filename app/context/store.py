@@ -27,8 +27,24 @@ class Context(BaseModel):
     messages: list[ChatMessage]
 
 
-def _key(conversation_id: str) -> str:
+def _messages_key(conversation_id: str) -> str:
     return f"parley:context:{conversation_id}"
+
+
+def _upto_key(conversation_id: str) -> str:
+    return f"parley:context:{conversation_id}:upto"
+
+
+# After a turn: append its two messages, but only onto the copy it was built on (the turn it
+# covers is the one expected); else nothing, and the caller writes the whole context.
+_APPEND = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 
 def last_succeeded_turn(session: Session, *, conversation_id: str, before_turn: int) -> int:
@@ -72,19 +88,33 @@ class ContextStore:
         self._ttl = ttl_seconds
         # Succeeded turns add a user message and its reply: an even count keeps them paired.
         self.max_messages = max_messages - max_messages % 2
+        self._append = client.register_script(_APPEND)
 
     def get(self, conversation_id: str) -> Context | None:
-        raw = self._redis.get(_key(conversation_id))
-        if raw is None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(_upto_key(conversation_id))
+        pipe.lrange(_messages_key(conversation_id), 0, -1)
+        upto, messages = pipe.execute()
+        if upto is None:
             return None
-        return Context.model_validate_json(raw)
+        return Context(
+            upto_turn=int(upto), messages=[ChatMessage.model_validate_json(m) for m in messages]
+        )
 
     def put(self, conversation_id: str, context: Context) -> None:
-        kept = context.model_copy(update={"messages": context.messages[-self.max_messages :]})
-        self._redis.set(_key(conversation_id), kept.model_dump_json(), ex=self._ttl)
+        """Write the whole context (after a rebuild from the database)."""
+        messages = [m.model_dump_json() for m in context.messages[-self.max_messages :]]
+        key = _messages_key(conversation_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if messages:
+            pipe.rpush(key, *messages)
+            pipe.expire(key, self._ttl)
+        pipe.set(_upto_key(conversation_id), str(context.upto_turn), ex=self._ttl)
+        pipe.execute()
 
     def delete(self, conversation_id: str) -> None:
-        self._redis.delete(_key(conversation_id))
+        self._redis.delete(_messages_key(conversation_id), _upto_key(conversation_id))
 
     def load(self, session: Session, *, conversation_id: str, before_turn: int) -> Context:
         """The context for running turn `before_turn`: the cache when it is current, else the
@@ -110,9 +140,18 @@ class ContextStore:
     def extend(
         self, conversation_id: str, context: Context, *, turn: int, added: list[ChatMessage]
     ) -> None:
-        """After turn `turn` succeeded on top of `context`: cache the context that follows it."""
-        following = Context(upto_turn=turn, messages=[*context.messages, *added])
-        self._put_quietly(conversation_id, following)
+        """After turn `turn` succeeded on top of `context`: cache the context that follows it,
+        appending the turn's messages to the cached copy (a few hundred bytes, whatever the
+        conversation's length) when that copy is the one the turn was built on."""
+        with contextlib.suppress(redis.RedisError):
+            appended = self._append(
+                keys=[_messages_key(conversation_id), _upto_key(conversation_id)],
+                args=[context.upto_turn, turn, self.max_messages, self._ttl]
+                + [m.model_dump_json() for m in added],
+            )
+            if not appended:
+                following = Context(upto_turn=turn, messages=[*context.messages, *added])
+                self.put(conversation_id, following)
 
     def _put_quietly(self, conversation_id: str, context: Context) -> None:
         # The cache is an optimisation: a Redis outage must not fail a turn.

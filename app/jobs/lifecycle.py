@@ -9,10 +9,11 @@ its conversation's next one; the job that ends releases the next.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, exists, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.jobs.presenter import to_job_out
@@ -82,11 +83,20 @@ def is_next_in_conversation() -> ColumnElement[bool]:
     )
 
 
+def lease_expired() -> ColumnElement[bool]:
+    """SQL: the running job's lease has run out (on the database's clock, the one clock every
+    worker shares): its worker stopped renewing it and is presumed dead."""
+    return Job.lease_expires_at < func.now()
+
+
+def lease_until(lease_seconds: int) -> ColumnElement[datetime]:
+    return func.now() + timedelta(seconds=lease_seconds)
+
+
 def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
     """Take the job for this worker: queued (or running under an expired lease, its worker
     presumed dead) and first among its conversation's unfinished jobs. None: not ours to run
     (already claimed, ended, cancelled, deleted, or not yet its turn)."""
-    now = utcnow()
     token = secrets.token_hex(16)
     row = session.execute(
         update(Job)
@@ -94,19 +104,33 @@ def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
             Job.id == job_id,
             Job.cancel_requested.is_(False),
             (Job.status == JobStatus.queued)
-            | and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+            | and_(Job.status == JobStatus.running, lease_expired()),
             is_next_in_conversation(),
         )
         .values(
             status=JobStatus.running,
             claim_token=token,
             attempts=Job.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
+            lease_expires_at=lease_until(lease_seconds),
+            started_at=utcnow(),
         )
         .returning(Job.attempts)
     ).first()
     return None if row is None else Claim(job_id, token, int(row.attempts))
+
+
+def renew_leases(session: Session, *, tokens: Collection[str], lease_seconds: int) -> int:
+    """Extend the leases of the running jobs these claims hold (a worker's heartbeat): a live
+    turn, however long, keeps its claim. Returns how many were renewed."""
+    if not tokens:
+        return 0
+    result = session.execute(
+        update(Job)
+        .where(Job.claim_token.in_(list(tokens)), Job.status == JobStatus.running)
+        .values(lease_expires_at=lease_until(lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def owned_job(session: Session, claim: Claim) -> Job | None:

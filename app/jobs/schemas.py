@@ -3,11 +3,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from app.models import JobStatus
 from app.schemas import ChatMessage, MessageText, MetadataKey, MetadataValue, StorableText
 from app.webhooks.schemas import WebhookState
+
+MIN_TEMPERATURE = 0.01
 
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
@@ -19,6 +21,15 @@ class GenerationIn(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("temperature")
+    @classmethod
+    def _numerically_safe(cls, value: float | None) -> float | None:
+        # Logits divided by a temperature near zero overflow to infinity and sampling fails:
+        # 0 means greedy, anything else starts at MIN_TEMPERATURE.
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 class JobCreate(BaseModel):

@@ -88,6 +88,8 @@ BAD_BODIES: list[dict[str, Any]] = [
     {"message": "hi", "generation": {"max_new_tokens": 10**9}},
     {"message": "hi", "generation": {"temperature": 2.5}},
     {"message": "hi", "generation": {"temperature": -1}},
+    # Numerically unsafe: logits over a temperature this small overflow (a poison turn).
+    {"message": "hi", "generation": {"temperature": 1e-300}},
     {"message": "hi", "generation": {"top_p": 0}},
     {"message": "hi", "generation": {"seed": 10**30}},
     {"message": "hi", "metadata": {str(i): "v" for i in range(17)}},
@@ -120,6 +122,9 @@ def test_malformed_payloads(api_no_workers: Api) -> None:
         b"\xff\xfe{}": 422,
         b'{"message": "\\ud800"}': 422,
         b"null": 422,
+        # JSON's NaN and Infinity extensions, which Python's parser reads: not numbers here.
+        b'{"message": "hi", "generation": {"temperature": NaN}}': 422,
+        b'{"message": "hi", "generation": {"top_p": Infinity}}': 422,
         # Nested past the JSON parser's recursion limit: it cannot even be read.
         b"[" * 5000 + b"]" * 5000: 400,
     }

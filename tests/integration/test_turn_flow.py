@@ -80,15 +80,17 @@ def test_context_is_the_same_without_redis_copy(api: Api, redis_client: redis.Re
     for flush in (False, True):
         first = api.submit(key, message="Remember the number 42.", system_prompt="Be brief.")
         api.wait(key, first["id"])
-        cached_key = f"parley:context:{first['conversation_id']}"
+        cached = f"parley:context:{first['conversation_id']}"
         # The worker caches the context after storing the end: it may land a moment later.
         deadline = time.monotonic() + 10
-        while not redis_client.exists(cached_key) and time.monotonic() < deadline:
+        while redis_client.get(f"{cached}:upto") != "1" and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert json.loads(str(redis_client.get(cached_key)))["upto_turn"] == 1
+        assert redis_client.get(f"{cached}:upto") == "1"  # it covers the first turn
+        roles = [json.loads(m)["role"] for m in redis_client.lrange(cached, 0, -1)]
+        assert roles == ["user", "assistant"]
         if flush:
             redis_client.flushdb()
-            assert not redis_client.exists(cached_key)
+            assert not redis_client.exists(cached, f"{cached}:upto")
         second = api.submit(key, message="Which number?", conversation_id=first["conversation_id"])
         results.append(api.wait(key, second["id"]))
     cached, rebuilt = results

@@ -10,6 +10,7 @@ import pytest
 
 from app.schemas import ChatMessage
 from worker.inference.engine import Engine, GenerationParams, GenerationResult, StepStats
+from worker.inference.engine_types import NumericalError
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.model_init import build_model
 from worker.inference.prompt import Prompt, build_prompt
@@ -239,3 +240,34 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
     cache = warm.prefix_cache
     assert cache is not None
     assert cache.hits >= 4, (cache.hits, cache.misses)
+
+
+def test_a_poison_turn_fails_alone_and_the_batch_goes_on(
+    loaded: LoadedModel, prompts: list[Prompt]
+) -> None:
+    """A temperature so small that the scores overflow (the API refuses it; a stored job may
+    still carry one) fails its own turn; the turns beside it end as they would alone."""
+    recorder = Recorder()
+    engine = Engine(loaded, max_batch=16, on_step=recorder)
+    params = [GenerationParams(max_new_tokens=16) for _ in prompts]
+    alone = [engine.generate(p, q) for p, q in zip(prompts, params, strict=True)]
+    poison = GenerationParams(max_new_tokens=16, temperature=1e-300)
+    failures: list[BaseException] = []
+    results: list[GenerationResult] = []
+
+    def run_poison() -> None:
+        try:
+            engine.generate(prompts[0], poison)
+        except BaseException as exc:
+            failures.append(exc)
+
+    recorder.batch_sizes.clear()
+    thread = threading.Thread(target=run_poison)
+    thread.start()
+    results = _together(engine, prompts, params)
+    thread.join(60)
+    assert [type(f) for f in failures] == [NumericalError]
+    assert max(recorder.batch_sizes) > 1
+    assert [r.text for r in results] == [r.text for r in alone]
+    # And the engine serves the next turn.
+    assert engine.generate(prompts[1], params[1]).text == alone[1].text

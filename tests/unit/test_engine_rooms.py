@@ -19,7 +19,7 @@ from worker.inference.model_init import build_model
 from worker.inference.prefix_cache import Layers, PrefixCache
 from worker.inference.prompt import Prompt
 from worker.inference.request import GenerationRequest, RequestStatus
-from worker.inference.sampler import Sampler, sample_row
+from worker.inference.sampler import NO_TOKEN, Sampler, sample_row
 from worker.inference.scheduler import Scheduler, similar_lengths
 from worker.inference.stopping import StopRules
 
@@ -211,11 +211,25 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass() -> None:
     logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()
     generator = torch.Generator().manual_seed(0)
     params = GenerationParams(max_new_tokens=1, temperature=1.0, top_p=0.7)
-    draws = [int(sample_row(logits, params, generator)) for _ in range(2000)]
+    draws = [int(sample_row(logits, params, generator)[0]) for _ in range(2000)]
     assert set(draws) == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are cut
     assert 0.55 < draws.count(1) / len(draws) < 0.70  # renormalised: 0.5 / 0.8
     narrow = GenerationParams(max_new_tokens=1, temperature=1.0, top_p=0.01)
-    assert {int(sample_row(logits, narrow, generator)) for _ in range(50)} == {1}
+    assert {int(sample_row(logits, narrow, generator)[0]) for _ in range(50)} == {1}
+
+
+def test_a_row_with_no_valid_distribution_gets_no_token_and_the_others_do() -> None:
+    sampler = Sampler(CPU)
+    good = torch.tensor([[0.0, 5.0, 0.0]])
+    nan = torch.tensor([[float("nan"), 1.0, 0.0]])
+    greedy = GenerationParams(max_new_tokens=4)
+    # A temperature this small overflows the scores to infinity: softmax gives NaN.
+    tiny = GenerationParams(max_new_tokens=4, temperature=1e-300)
+    requests = [GenerationRequest([1], p, 4) for p in (greedy, greedy, tiny, greedy)]
+    for request in requests:
+        sampler.prepare(request)
+    parts = [torch.cat([good, nan]), torch.cat([good, good])]
+    assert sampler.sample(parts, requests) == [1, NO_TOKEN, NO_TOKEN, 1]
 
 
 def test_sampler_rows_keep_their_own_settings_across_parts() -> None:

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from worker.inference.engine_types import StepStats
+from worker.inference.engine_types import NumericalError, StepStats
 from worker.inference.kv_cache import BatchCache
 from worker.inference.model_runner import ModelRunner
 from worker.inference.prefix_cache import PrefixCache
 from worker.inference.request import GenerationRequest
-from worker.inference.sampler import Sampler
+from worker.inference.sampler import NO_TOKEN, Sampler
 from worker.inference.scheduler import PrefillGroup, Scheduler
 from worker.inference.stopping import StopRules
 
@@ -137,14 +137,21 @@ class EngineLoop:
         now = time.monotonic()
         keep: list[int] = []
         for row, (request, token) in enumerate(zip(self._running, tokens, strict=True)):
-            request.add_token(token, now)
-            reason = self._stop_rules.finish_reason(request, token, now)
-            if reason is None:
-                keep.append(row)
-                continue
-            if reason != "cancelled":
-                self._keep_prefix(row, request)
-            request.finish(reason)
+            # What goes wrong with one request fails it alone; the batch goes on without it.
+            try:
+                if token == NO_TOKEN:
+                    raise NumericalError("no valid distribution for the next token")
+                request.add_token(token, now)
+                reason = self._stop_rules.finish_reason(request, token, now)
+                if reason is None:
+                    keep.append(row)
+                    continue
+                if reason != "cancelled":
+                    self._keep_prefix(row, request)
+                request.finish(reason)
+            except Exception as exc:
+                log.warning("a generation failed alone: %s: %s", type(exc).__name__, exc)
+                request.fail(exc)
         stepped = len(self._running)
         if not keep:
             self._reset()

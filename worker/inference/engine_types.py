@@ -9,6 +9,11 @@ from typing import Literal
 FinishReason = Literal["stop", "length", "time", "cancelled"]
 
 
+class NumericalError(ArithmeticError):
+    """The model gave a generation no valid distribution for its next token (NaN or infinite
+    scores, or an all-zero distribution): that generation fails alone, its batch goes on."""
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int

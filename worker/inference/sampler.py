@@ -14,6 +14,9 @@ import torch
 from worker.inference.engine_types import GenerationParams
 from worker.inference.request import GenerationRequest
 
+# In place of a token: the row had no valid distribution (NaN or infinite scores).
+NO_TOKEN = -1
+
 
 class Sampler:
     def __init__(self, device: torch.device) -> None:
@@ -28,16 +31,21 @@ class Sampler:
     def sample(
         self, logits: Sequence[torch.Tensor], requests: Sequence[GenerationRequest]
     ) -> list[int]:
-        """One token per request; ``logits`` are the rows' last logits [rows, vocab] in row
-        order, in as many parts as there were forward passes since the last step."""
+        """One token per request, or NO_TOKEN for a row with no valid distribution;
+        ``logits`` are the rows' last logits [rows, vocab] in row order, in as many parts as
+        there were forward passes since the last step."""
         tokens: list[int] = []
         for part in logits:
             chosen = part.argmax(dim=-1)
+            valid = torch.isfinite(part).all(dim=-1)
             first = len(tokens)  # the batch row of the part's first row
             for row, request in enumerate(requests[first : first + part.shape[0]]):
                 if request.params.temperature > 0:
-                    chosen[row] = sample_row(part[row], request.params, request.generator)
-            # One transfer to the host per part, after every row is chosen on the device.
+                    token, ok = sample_row(part[row], request.params, request.generator)
+                    chosen[row], valid[row] = token, valid[row] & ok
+            chosen = torch.where(valid, chosen, torch.full_like(chosen, NO_TOKEN))
+            # One transfer to the host per part, after every row is chosen on the device:
+            # the checks above never stop the device to ask the host.
             tokens.extend(chosen.tolist())
         if len(tokens) != len(requests):
             raise ValueError(f"{len(tokens)} rows of logits for {len(requests)} requests")
@@ -46,8 +54,9 @@ class Sampler:
 
 def sample_row(
     logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Draw one token id (a tensor of one element) from one row's logits [vocab]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token id from one row's logits [vocab]: (the id, whether the distribution was
+    valid), both tensors of one element, left on the device."""
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
@@ -55,4 +64,8 @@ def sample_row(
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    # multinomial refuses NaN, infinite or all-zero weights (on CUDA with an assert that
+    # breaks the process): draw from valid weights always, and say whether they were.
+    ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+    safe = torch.where(ok, probs, torch.ones_like(probs))
+    return torch.multinomial(safe, 1, generator=generator)[0], ok

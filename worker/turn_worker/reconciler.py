@@ -2,7 +2,9 @@
 
 The database is the source of truth (invariant 1): whatever the broker lost, a queued job
 that is its conversation's next is sent again, and a running job whose lease has expired
-(its worker is gone) goes back to the queue, or ends when it has used its attempts.
+(its worker stopped renewing it: it is gone) goes back to the queue, or ends when it has used
+its attempts. It needs only PostgreSQL, so it goes on while Redis is away; one worker at a
+time runs it (an advisory lock). Sending a job twice is harmless: the claim is conditional.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import select
+import redis
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
@@ -18,72 +22,98 @@ from app.jobs import lifecycle
 from app.logs import log_context
 from app.models import Job, JobStatus
 from app.models.base import utcnow
+from app.redis import get_broker_redis
 
 log = logging.getLogger("parley.reconcile")
 
+# pg_try_advisory_xact_lock's key: "parley reconcile".
+_LOCK_KEY = 0x7061726C6579
+# Kept in the broker's Redis: absent, the broker is new or lost what it held (restarted with
+# no persistence, flushed), so every queued job's message may be gone.
+BROKER_MARKER = "parley:broker-marker"
+# A queued job whose message the broker still has is merely waiting; one sent this long ago
+# and still queued has lost it some other way (a publish that failed after its commit).
+REDISPATCH_AFTER = timedelta(minutes=5)
+BATCH = 500
 
-def reconcile(settings: Settings, *, redispatch_after: timedelta) -> tuple[int, int]:
-    """Returns (jobs recovered from dead workers, queued jobs sent again)."""
-    now = utcnow()
+
+def reconcile(settings: Settings) -> tuple[int, int]:
+    """Returns (jobs recovered from dead workers, queued jobs sent again); (0, 0) when
+    another worker is reconciling."""
     with session_scope() as session:
-        expired = session.execute(
-            select(Job.id, Job.conversation_id)
-            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
-            .limit(500)
-        ).all()
-    for job_id, conversation_id in expired:
-        with session_scope() as session:
-            if lifecycle.lock_conversation(session, conversation_id) is None:
-                continue
-            job = session.execute(
-                select(Job)
-                .where(
-                    Job.id == job_id, Job.status == JobStatus.running, Job.lease_expires_at < now
-                )
-                .with_for_update()
-            ).scalar_one_or_none()
-            if job is None:
-                continue
-            if job.cancel_requested:
-                lifecycle.end_job(session, job, JobStatus.cancelled)
-                outcome = "cancelled, as asked"
-            elif job.attempts >= settings.max_turn_attempts:
-                lifecycle.end_job(
-                    session,
-                    job,
-                    JobStatus.failed,
-                    error_code="worker_lost",
-                    error_message="The worker running this turn died.",
-                )
-                outcome = f"failed after {job.attempts} attempts"
-            else:
-                lifecycle.requeue(session, job)
-                outcome = "queued again"
-        with log_context(job_id=job_id):
-            log.warning("its lease expired (worker presumed lost); %s", outcome)
-    with session_scope() as session:
-        stale = list(
-            session.execute(
-                select(Job)
-                .where(
-                    Job.status == JobStatus.queued,
-                    (Job.enqueued_at.is_(None)) | (Job.enqueued_at < now - redispatch_after),
-                    # Jobs waiting behind an earlier turn are not lost, only not yet due.
-                    lifecycle.is_next_in_conversation(),
-                )
-                .order_by(Job.created_at)
-                .limit(500)
-                .with_for_update(skip_locked=True)
-            ).scalars()
-        )
-        for job in stale:
-            lifecycle.dispatch(session, job)
-        sent = len(stale)
-    for job in stale:
+        if not session.execute(select(func.pg_try_advisory_xact_lock(_LOCK_KEY))).scalar_one():
+            return 0, 0
+        recovered = _recover_expired(session, settings)
+        sent = _redispatch_queued(session, everything=_broker_was_emptied())
+    if recovered or sent:
+        log.info("reconciled: %d expired running jobs, %d queued jobs sent again", recovered, sent)
+    return recovered, sent
+
+
+def _recover_expired(session: Session, settings: Settings) -> int:
+    expired = list(
+        session.execute(
+            select(Job)
+            .where(Job.status == JobStatus.running, lifecycle.lease_expired())
+            .order_by(Job.created_at)
+            .limit(BATCH)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    for job in expired:
+        # Job ends take the conversation's lock first; here the job's is already held, so
+        # lock the conversation without waiting and leave a busy one for the next round.
+        if not session.execute(
+            text("SELECT 1 FROM conversations WHERE id = :id FOR UPDATE SKIP LOCKED"),
+            {"id": job.conversation_id},
+        ).first():
+            continue
+        if job.cancel_requested:
+            lifecycle.end_job(session, job, JobStatus.cancelled)
+            outcome = "cancelled, as asked"
+        elif job.attempts >= settings.max_turn_attempts:
+            lifecycle.end_job(
+                session,
+                job,
+                JobStatus.failed,
+                error_code="worker_lost",
+                error_message="The worker running this turn died.",
+            )
+            outcome = f"failed after {job.attempts} attempts"
+        else:
+            lifecycle.requeue(session, job)
+            outcome = "queued again"
         with log_context(job_id=job.id):
-            log.info("queued with no broker message seen; sent again")
-    if expired or sent:
-        log.info(
-            "reconciled: %d expired running jobs, %d queued jobs sent again", len(expired), sent
-        )
-    return len(expired), sent
+            log.warning("its lease expired (worker presumed lost); %s", outcome)
+    return len(expired)
+
+
+def _redispatch_queued(session: Session, *, everything: bool) -> int:
+    """Send again the queued jobs that are next in their conversation and were sent long ago
+    (or never), or all of them when the broker was emptied."""
+    due = [Job.status == JobStatus.queued, lifecycle.is_next_in_conversation()]
+    if not everything:
+        due.append(Job.enqueued_at.is_(None) | (Job.enqueued_at < utcnow() - REDISPATCH_AFTER))
+    stale = list(
+        session.execute(
+            select(Job)
+            .where(*due)
+            .order_by(Job.created_at)
+            .limit(BATCH)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    for job in stale:
+        lifecycle.dispatch(session, job)
+    if stale:
+        why = "the broker lost its messages" if everything else "no message seen for long"
+        log.info("%d queued jobs sent again (%s): %s", len(stale), why, [j.id for j in stale])
+    return len(stale)
+
+
+def _broker_was_emptied() -> bool:
+    """True once after the broker's Redis came up empty (then its marker is set again)."""
+    try:
+        return bool(get_broker_redis().set(BROKER_MARKER, "1", nx=True))
+    except redis.RedisError:
+        return False  # away: asked again next round, once it is back

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from redis import Redis, RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -25,9 +26,12 @@ from app.models.base import utcnow
 from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
+from worker.inference.engine_types import NumericalError
 from worker.inference.prompt import PromptTooLong, build_prompt
 from worker.turn_worker import metrics
 from worker.turn_worker.celery_app import app
+from worker.turn_worker.db_retry import with_db_retry
+from worker.turn_worker.held_claims import HELD
 from worker.turn_worker.runtime import Runtime, start_runtime
 
 log = logging.getLogger("parley.run_turn")
@@ -63,22 +67,34 @@ def run_turn(job_id: str) -> None:
 
 def _run(job_id: str) -> None:
     runtime = start_runtime()
-    turn = _claim(runtime, job_id)
+    # Through a database blip the claim is tried again: the message stays this task's.
+    turn = with_db_retry(lambda: _claim(runtime, job_id))
     if turn is None:
         return
     log.info("claimed (attempt %d)", turn.claim.attempts)
+    # While the turn runs, the heartbeat renews its lease: it is never taken over alive.
+    HELD.add(turn.claim.token)
+    try:
+        _generate_and_end(runtime, turn)
+    finally:
+        HELD.discard(turn.claim.token)
+
+
+def _generate_and_end(runtime: Runtime, turn: ClaimedTurn) -> None:
     try:
         result, context_messages = _generate(runtime, turn)
     except TurnFailed as failure:
-        _finish_failed(turn, failure.code, failure.message)
+        code, message = failure.code, failure.message
+        with_db_retry(lambda: _finish_failed(turn, code, message))
     except Exception as exc:
         log.exception("generation failed")
         if turn.claim.attempts >= runtime.settings.max_turn_attempts:
-            _finish_failed(turn, "generation_error", f"Generation failed: {type(exc).__name__}")
+            message = f"Generation failed: {type(exc).__name__}"
+            with_db_retry(lambda: _finish_failed(turn, "generation_error", message))
         else:
-            _retry(turn)
+            with_db_retry(lambda: _retry(turn))
     else:
-        _finish(runtime, turn, result, context_messages)
+        with_db_retry(lambda: _finish(runtime, turn, result, context_messages))
 
 
 def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
@@ -136,13 +152,30 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
             "The system prompt and the message alone exceed the model's context window.",
         ) from exc
     redis = get_redis()
-    result = runtime.engine.generate(
-        prompt,
-        turn.params,
-        should_cancel=lambda: cancel_requested(redis, turn.claim.job_id),
-        prefix_key=turn.conversation_id,
-    )
+    try:
+        result = runtime.engine.generate(
+            prompt,
+            turn.params,
+            should_cancel=lambda: _cancel_requested(redis, turn.claim.job_id),
+            prefix_key=turn.conversation_id,
+        )
+    except NumericalError as exc:
+        # Not retried: the same model and settings would do it again.
+        raise TurnFailed(
+            "numerical_error",
+            "The model gave no valid distribution for the next token (NaN or infinite "
+            "scores); try other sampling settings.",
+        ) from exc
     return result, prompt.context_messages
+
+
+def _cancel_requested(client: Redis, job_id: str) -> bool:
+    """The cancel signal, read from Redis; with Redis away, not cancelled: the turn goes on,
+    and a cancel stored meanwhile is still honoured when the end is stored."""
+    try:
+        return cancel_requested(client, job_id)
+    except RedisError:
+        return False
 
 
 @contextmanager
