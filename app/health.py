@@ -10,7 +10,7 @@ from sqlalchemy import text
 from app.db import get_engine
 from app.errors import problem_response
 from app.metrics import render
-from app.redis import get_redis, workers_alive
+from app.redis import broker_eviction_risk, get_redis, workers_alive
 
 router = APIRouter(tags=["operations"])
 
@@ -38,14 +38,17 @@ def _missing() -> list[str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(request: Request) -> Response | dict[str, str]:
-    """Ready when the database and Redis answer and a worker reported in the last 30 s."""
+async def readyz(request: Request) -> Response | dict[str, object]:
+    """Ready when the database and Redis answer and a worker reported in the last 30 s. A
+    ready service still names what puts accepted work at risk (`warnings`): a broker whose
+    Redis may evict queued turns."""
     # Under a session slot, like every use of a connection by a request (app.deps).
     async with request.app.state.session_slots:
         missing = await run_in_threadpool(_missing)
     if missing:
         return problem_response(503, "Not ready: " + ", ".join(missing) + " unavailable.")
-    return {"status": "ready"}
+    risk = await run_in_threadpool(broker_eviction_risk)
+    return {"status": "ready"} if risk is None else {"status": "ready", "warnings": [risk]}
 
 
 @router.get("/metrics", include_in_schema=False)

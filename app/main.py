@@ -22,14 +22,16 @@ from app.jobs.router import router as jobs_router
 from app.jobs.waiter import JobWaiter
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.redis import warn_about_the_broker
 from app.webhooks.router import router as webhooks_router
 
 
 def _bootstrap() -> None:
-    secret = get_settings().parley_admin_key
-    if secret:
+    settings = get_settings()
+    if settings.parley_admin_key:
         with session_scope() as session:
-            ensure_bootstrap_admin(session, secret=secret)
+            ensure_bootstrap_admin(session, secret=settings.parley_admin_key)
+    warn_about_the_broker(settings)
 
 
 @asynccontextmanager

@@ -6,12 +6,16 @@ evict or touch a broker message.
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 import redis
 
-from app.config import get_settings
+from app.config import Settings, get_settings
+
+log = logging.getLogger("parley.redis")
 
 JOB_ENDED_CHANNEL = "parley:job-ended"
 WORKERS_KEY = "parley:workers"
@@ -86,3 +90,42 @@ def worker_metrics(client: redis.Redis) -> dict[str, str]:
 
 def workers_alive(client: redis.Redis) -> int:
     return int(client.zcount(WORKERS_KEY, time.time() - WORKER_STALE_SECONDS, "+inf"))
+
+
+def broker_eviction_risk() -> str | None:
+    """Why the broker's Redis could evict queued turns (reliability F12), or None: a memory
+    limit with an eviction policy other than noeviction drops keys, broker messages among
+    them. None too when the server will not say (managed Redis often disables CONFIG)."""
+    try:
+        config = get_broker_redis().config_get("maxmemory*")
+    except redis.RedisError:
+        return None
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy == "noeviction" or config.get("maxmemory", "0") == "0":
+        return None
+    return (
+        f"the broker's Redis has maxmemory {config['maxmemory']} and maxmemory-policy {policy}: "
+        "it may evict queued turns; give the broker a Redis of its own with noeviction"
+    )
+
+
+def broker_shares_cache_server(settings: Settings) -> bool:
+    """True when the broker is a database of REDIS_URL's server: one memory limit and one
+    eviction policy for the context cache and the queued turns."""
+    cache, broker = urlsplit(settings.redis_url), urlsplit(settings.celery_broker_url)
+    return (cache.hostname, cache.port) == (broker.hostname, broker.port)
+
+
+def warn_about_the_broker(settings: Settings) -> None:
+    """Say at start what puts queued turns at risk: a broker sharing the cache's server, or
+    one that may evict."""
+    if broker_shares_cache_server(settings):
+        log.warning(
+            "the broker is a database of REDIS_URL's server (%s): the context cache and the "
+            "queued turns share one memory limit and eviction policy; in production set "
+            "BROKER_URL to a Redis of its own with maxmemory-policy noeviction",
+            settings.celery_broker_url.rsplit("@", 1)[-1],
+        )
+    risk = broker_eviction_risk()
+    if risk is not None:
+        log.warning("%s", risk)

@@ -1,8 +1,9 @@
 """`parley dev`: the whole service on one machine (API, model worker, I/O worker, beat), in
 the foreground.
 
-Uses DATABASE_URL and REDIS_URL when they are set; otherwise starts an embedded PostgreSQL
-and Redis with their data under ./.parley/. Builds the tiny model when MODEL_ID is unset.
+Uses DATABASE_URL, REDIS_URL and BROKER_URL when they are set; otherwise starts an embedded
+PostgreSQL and two Redis servers (the context cache, and the broker with noeviction) with their
+data under ./.parley/. Builds the tiny model when MODEL_ID is unset.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ def run_dev(*, host: str, port: int) -> int:
         if "redis_url" not in given:
             redis = services.enter_context(LocalRedis(DATA_DIR / "redis"))
             os.environ["REDIS_URL"] = redis.url
-            _say(f"embedded Redis started on {redis.url}")
+            _say(f"embedded Redis started on {redis.url} (context cache)")
+            if "broker_url" not in given:
+                # The broker on a server of its own that never evicts (reliability F12).
+                broker = services.enter_context(
+                    LocalRedis(DATA_DIR / "broker", settings={"maxmemory-policy": "noeviction"})
+                )
+                os.environ["BROKER_URL"] = broker.url
+                _say(f"embedded Redis started on {broker.url} (broker, noeviction)")
         if "model_id" not in given:
             _say("using the tiny local model (built once, no download needed)")
             os.environ["MODEL_ID"] = str(ensure_model(DATA_DIR / "models" / "tiny"))
