@@ -31,17 +31,28 @@ def _messages_key(conversation_id: str) -> str:
     return f"parley:context:{conversation_id}"
 
 
-def _upto_key(conversation_id: str) -> str:
+def _state_key(conversation_id: str) -> str:
     return f"parley:context:{conversation_id}:upto"
 
 
-# After a turn: append its two messages, but only onto the copy it was built on (the turn it
-# covers is the one expected); else nothing, and the caller writes the whole context.
+def _state(upto_turn: int, count: int) -> str:
+    # The turn the messages cover and how many they are: a cache that evicts may drop one of
+    # the two keys, and a list of another length than its state says is not used.
+    return f"{upto_turn}:{count}"
+
+
+# After a turn: append its two messages, but only onto the copy it was built on (whole, and
+# covering the turn expected); else nothing, and the caller writes the whole context.
 _APPEND = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local state = redis.call('GET', KEYS[2])
+if not state then return 0 end
+local sep = string.find(state, ':', 1, true)
+if string.sub(state, 1, sep - 1) ~= ARGV[1] then return 0 end
+if redis.call('LLEN', KEYS[1]) ~= tonumber(string.sub(state, sep + 1)) then return 0 end
 redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+local count = redis.call('LLEN', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2] .. ':' .. count, 'EX', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
@@ -92,11 +103,14 @@ class ContextStore:
 
     def get(self, conversation_id: str) -> Context | None:
         pipe = self._redis.pipeline(transaction=True)
-        pipe.get(_upto_key(conversation_id))
+        pipe.get(_state_key(conversation_id))
         pipe.lrange(_messages_key(conversation_id), 0, -1)
-        upto, messages = pipe.execute()
-        if upto is None:
+        state, messages = pipe.execute()
+        if state is None:
             return None
+        upto, _, count = (state.decode() if isinstance(state, bytes) else state).partition(":")
+        if int(count) != len(messages):
+            return None  # half evicted
         return Context(
             upto_turn=int(upto), messages=[ChatMessage.model_validate_json(m) for m in messages]
         )
@@ -110,11 +124,13 @@ class ContextStore:
         if messages:
             pipe.rpush(key, *messages)
             pipe.expire(key, self._ttl)
-        pipe.set(_upto_key(conversation_id), str(context.upto_turn), ex=self._ttl)
+        pipe.set(
+            _state_key(conversation_id), _state(context.upto_turn, len(messages)), ex=self._ttl
+        )
         pipe.execute()
 
     def delete(self, conversation_id: str) -> None:
-        self._redis.delete(_messages_key(conversation_id), _upto_key(conversation_id))
+        self._redis.delete(_messages_key(conversation_id), _state_key(conversation_id))
 
     def load(self, session: Session, *, conversation_id: str, before_turn: int) -> Context:
         """The context for running turn `before_turn`: the cache when it is current, else the
@@ -145,7 +161,7 @@ class ContextStore:
         conversation's length) when that copy is the one the turn was built on."""
         with contextlib.suppress(redis.RedisError):
             appended = self._append(
-                keys=[_messages_key(conversation_id), _upto_key(conversation_id)],
+                keys=[_messages_key(conversation_id), _state_key(conversation_id)],
                 args=[context.upto_turn, turn, self.max_messages, self._ttl]
                 + [m.model_dump_json() for m in added],
             )

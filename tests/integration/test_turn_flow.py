@@ -83,9 +83,9 @@ def test_context_is_the_same_without_redis_copy(api: Api, redis_client: redis.Re
         cached = f"parley:context:{first['conversation_id']}"
         # The worker caches the context after storing the end: it may land a moment later.
         deadline = time.monotonic() + 10
-        while redis_client.get(f"{cached}:upto") != "1" and time.monotonic() < deadline:
+        while redis_client.get(f"{cached}:upto") != "1:2" and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert redis_client.get(f"{cached}:upto") == "1"  # it covers the first turn
+        assert redis_client.get(f"{cached}:upto") == "1:2"  # the first turn, two messages
         roles = [json.loads(m)["role"] for m in redis_client.lrange(cached, 0, -1)]
         assert roles == ["user", "assistant"]
         if flush:
