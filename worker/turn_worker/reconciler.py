@@ -13,14 +13,14 @@ import logging
 from datetime import timedelta
 
 import redis
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.logs import log_context
-from app.models import Job, JobStatus
+from app.models import Conversation, Job, JobStatus
 from app.models.base import utcnow
 from app.redis import get_broker_redis
 
@@ -64,8 +64,9 @@ def _recover_expired(session: Session, settings: Settings) -> int:
         # Job ends take the conversation's lock first; here the job's is already held, so
         # lock the conversation without waiting and leave a busy one for the next round.
         if not session.execute(
-            text("SELECT 1 FROM conversations WHERE id = :id FOR UPDATE SKIP LOCKED"),
-            {"id": job.conversation_id},
+            select(Conversation.id)
+            .where(Conversation.id == job.conversation_id)
+            .with_for_update(skip_locked=True)
         ).first():
             continue
         if job.cancel_requested:
