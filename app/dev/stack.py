@@ -104,14 +104,17 @@ class Stack:
         *,
         gpus: str = "auto",
         name: str | None = None,
+        supervised: bool = False,
         log: Path | None = None,
         **settings: str,
     ) -> Process:
-        """`parley worker`. With `name`: the one worker itself, with no supervisor to restart
-        it (`--no-restart`), so that killing the returned process kills the worker."""
+        """`parley worker`. With `name`: one worker so named, by default the worker itself
+        with no supervisor to restart it (`--no-restart`), so that killing the returned
+        process kills the worker; `supervised`: under the supervisor that restarts it, as in
+        production."""
         argv = ["app.cli", "worker", "--gpus", gpus]
         if name is not None:
-            argv += ["--no-restart", "--name", name]
+            argv += ["--name", name] if supervised else ["--no-restart", "--name", name]
         return self.start(argv, settings=settings, log=log)
 
     def io_worker(

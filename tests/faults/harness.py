@@ -141,10 +141,15 @@ class FaultWorld:
         assert wait_http(self.base_url + "/livez", timeout=60, procs=[proc]), self.problems()
         self._http = httpx.Client(base_url=self.base_url, timeout=30)
 
-    def worker(self, name: str, **settings: str) -> subprocess.Popen[bytes]:
-        """`parley worker --gpus cpu --no-restart --name name`: the Celery worker itself."""
+    def worker(
+        self, name: str, *, supervised: bool = False, **settings: str
+    ) -> subprocess.Popen[bytes]:
+        """`parley worker --gpus cpu --no-restart --name name`: the Celery worker itself; or,
+        `supervised`, under the supervisor that restarts it when it exits (production's)."""
         assert self.stack is not None
-        return self.stack.turn_worker(gpus="cpu", name=name, log=self.log, **settings)
+        return self.stack.turn_worker(
+            gpus="cpu", name=name, supervised=supervised, log=self.log, **settings
+        )
 
     def wait_worker(self, name: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         """Until the worker's heartbeat reports it (its model is loaded, it takes tasks)."""

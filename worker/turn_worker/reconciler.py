@@ -10,7 +10,7 @@ time runs it (an advisory lock). Sending a job twice is harmless: the claim is c
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import func, select
@@ -23,6 +23,7 @@ from app.logs import log_context
 from app.models import Conversation, Job, JobStatus
 from app.models.base import utcnow
 from app.redis import get_broker_redis
+from celeryconfig import TURNS_QUEUE
 
 log = logging.getLogger("parley.reconcile")
 
@@ -31,8 +32,11 @@ _LOCK_KEY = 0x7061726C6579
 # Kept in the broker's Redis: absent, the broker is new or lost what it held (restarted with
 # no persistence, flushed), so every queued job's message may be gone.
 BROKER_MARKER = "parley:broker-marker"
-# A queued job whose message the broker still has is merely waiting; one sent this long ago
-# and still queued has lost it some other way (a publish that failed after its commit).
+# A queued job sent this long ago, and still queued while nothing waits in the broker's turn
+# queue, has lost its message: it died with the worker that held it unstarted, or the process
+# that committed the job's dispatch died before publishing. With a backlog in the broker it may
+# merely be waiting, and is sent again only after REDISPATCH_AFTER.
+LOST_AFTER = timedelta(seconds=10)
 REDISPATCH_AFTER = timedelta(minutes=5)
 BATCH = 500
 
@@ -44,7 +48,16 @@ def reconcile(settings: Settings) -> tuple[int, int]:
         if not session.execute(select(func.pg_try_advisory_xact_lock(_LOCK_KEY))).scalar_one():
             return 0, 0
         recovered = _recover_expired(session, settings)
-        sent = _redispatch_queued(session, everything=_broker_was_emptied())
+        if _broker_was_emptied():
+            sent = _redispatch_queued(session, sent_before=None, why="the broker lost its messages")
+        elif _broker_queue_empty():
+            sent = _redispatch_queued(
+                session, sent_before=utcnow() - LOST_AFTER, why="no message waits for it"
+            )
+        else:
+            sent = _redispatch_queued(
+                session, sent_before=utcnow() - REDISPATCH_AFTER, why="no message seen for long"
+            )
     if recovered or sent:
         log.info("reconciled: %d expired running jobs, %d queued jobs sent again", recovered, sent)
     return recovered, sent
@@ -89,12 +102,12 @@ def _recover_expired(session: Session, settings: Settings) -> int:
     return len(expired)
 
 
-def _redispatch_queued(session: Session, *, everything: bool) -> int:
-    """Send again the queued jobs that are next in their conversation and were sent long ago
-    (or never), or all of them when the broker was emptied."""
+def _redispatch_queued(session: Session, *, sent_before: datetime | None, why: str) -> int:
+    """Send again the queued jobs that are next in their conversation and were sent before
+    `sent_before` (or never); all of them when it is None."""
     due = [Job.status == JobStatus.queued, lifecycle.is_next_in_conversation()]
-    if not everything:
-        due.append(Job.enqueued_at.is_(None) | (Job.enqueued_at < utcnow() - REDISPATCH_AFTER))
+    if sent_before is not None:
+        due.append(Job.enqueued_at.is_(None) | (Job.enqueued_at < sent_before))
     stale = list(
         session.execute(
             select(Job)
@@ -107,9 +120,16 @@ def _redispatch_queued(session: Session, *, everything: bool) -> int:
     for job in stale:
         lifecycle.dispatch(session, job)
     if stale:
-        why = "the broker lost its messages" if everything else "no message seen for long"
         log.info("%d queued jobs sent again (%s): %s", len(stale), why, [j.id for j in stale])
     return len(stale)
+
+
+def _broker_queue_empty() -> bool:
+    """True when no turn waits in the broker's queue (False when the broker cannot say)."""
+    try:
+        return int(get_broker_redis().llen(TURNS_QUEUE)) == 0
+    except redis.RedisError:
+        return False
 
 
 def _broker_was_emptied() -> bool:
