@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: dev test lint unit bench clean
+.PHONY: dev test lint unit faults bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Parley needs Python 3.11 or newer")'
@@ -31,6 +31,10 @@ test: lint
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+# The fault scenarios alone (make test runs them too), printing their figures (FAULT lines).
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/faults
 
 # The benchmarks of the docs' benchmarks.md: each prints its figures and its baseline's.
 # B5 uses the PostgreSQL of BENCH_DATABASE_URL (default: the one at 127.0.0.1:5432).
