@@ -58,8 +58,9 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
     # The jobs whose message died with the worker: the next of their conversation, queued and
     # sent, with no message in the broker's queue. Either the dead worker held it unclaimed
     # (unacknowledged: back only after the broker's visibility timeout), or a job end had
-    # committed the dispatch and was killed before it published. Both wait for the
-    # reconciler's REDISPATCH_AFTER. (Running jobs come back when their leases expire.)
+    # committed the dispatch and was killed before it published. The reconciler sends both
+    # again once nothing waits in the broker (LOST_AFTER); running jobs come back when their
+    # leases expire.
     held = world.held_messages()
     in_queue = world.queued_messages()
     with world.db() as conn:
