@@ -140,6 +140,9 @@ def parse_webhook_url(url: str) -> httpx.URL:
         raise UnsafeWebhookUrl("only http and https URLs are allowed")
     if not parsed.host:
         raise UnsafeWebhookUrl("the URL has no host")
+    # httpx accepts any digits as a port; a socket refuses what TCP cannot carry.
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise UnsafeWebhookUrl(f"the port {parsed.port} is not a TCP port (1 to 65535)")
     return parsed
 
 

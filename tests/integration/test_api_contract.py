@@ -99,6 +99,7 @@ BAD_BODIES: list[dict[str, Any]] = [
     {"message": "hi", "metadata": {"k": "a\x00"}},
     {"message": "hi", "system_prompt": "a\x00"},
     {"message": "hi", "webhook_url": ""},
+    {"message": "hi", "webhook_url": "https://hooks.example.com:99999/parley"},
 ]
 
 

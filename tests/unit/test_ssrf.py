@@ -64,6 +64,9 @@ REFUSED = [
     ("http://[::ffff:7f00:1]:8080/", "'::ffff:7f00:1' is a loopback address"),
     ("http://[0:0:0:0:0:ffff:127.0.0.1]/", "'::ffff:7f00:1' is a loopback address"),
     ("http://[::127.0.0.1]/", "'::7f00:1' is an IPv6 form of a loopback address"),
+    # ports TCP cannot carry (a socket would raise OverflowError at delivery)
+    ("http://public.example:99999/", "the port 99999 is not a TCP port (1 to 65535)"),
+    ("https://public.example:0/", "the port 0 is not a TCP port (1 to 65535)"),
     # private, link-local, unique-local, CGNAT, multicast, unspecified, reserved
     ("http://10.0.0.1/", "'10.0.0.1' is a private address"),
     ("http://172.16.5.4/", "'172.16.5.4' is a private address"),
