@@ -89,6 +89,10 @@ def refusal(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> str | None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         # A mapped address is the IPv4 one, on the wire and for the allow-list.
         return refusal(address.ipv4_mapped, allowed)
+    # Cloud metadata first: no allow-list opens it (allowing 169.254.0.0/16 or ::/0 must not
+    # open 169.254.169.254 or fd00:ec2::254 with it).
+    if address in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
     if any(address.version == net.version and address in net for net in allowed):
         return None
     if isinstance(address, ipaddress.IPv6Address):
@@ -96,8 +100,6 @@ def refusal(address: IPAddress, allowed: Sequence[IPNetwork] = ()) -> str | None
         carried = refusal(embedded) if embedded is not None else None
         if carried is not None:
             return f"an IPv6 form of {carried}"
-    if address in _METADATA_ADDRESSES:
-        return "a cloud metadata address"
     checks: list[tuple[bool, str]] = [
         (address.is_unspecified, "an unspecified address"),
         (address.is_loopback, "a loopback address"),

@@ -198,3 +198,15 @@ def test_names_are_resolved_once_per_check(resolver: dict[str, list[str]]) -> No
     with pytest.raises(ssrf.UnsafeWebhookUrl):
         check("http://rebind.example/")
     assert [str(a) for a in target.addresses] == ["93.184.215.14"]
+
+
+def test_no_allow_list_opens_cloud_metadata() -> None:
+    """An operator who allows the link-local range, or everything, still cannot reach the
+    metadata service: it is refused before the allow-list is read."""
+    link_local = [ipaddress.ip_network("169.254.0.0/16")]
+    everything = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    assert check("http://169.254.10.10/", link_local).port == 80  # the range itself opens
+    for url in ("http://169.254.169.254/latest/", "http://[fd00:ec2::254]/"):
+        for allowed in (link_local, everything):
+            with pytest.raises(ssrf.UnsafeWebhookUrl, match="cloud metadata address"):
+                check(url, allowed)
