@@ -40,6 +40,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_pre_ping=False,
         # Fail fast instead of hanging a request when the database is gone.
         connect_args={"connect_timeout": 5},
+        # Errors carry no bound values: message text and webhook secrets stay out of the logs.
+        hide_parameters=True,
     )
 
 

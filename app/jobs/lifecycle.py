@@ -26,10 +26,15 @@ from app.webhooks import events as webhook_events
 _EARLIER = aliased(Job, name="earlier")
 
 
-def lock_conversation(session: Session, conversation_id: str) -> Conversation | None:
-    return session.execute(
-        select(Conversation).where(Conversation.id == conversation_id).with_for_update()
-    ).scalar_one_or_none()
+def lock_conversation(
+    session: Session, conversation_id: str, *, tenant_id: str | None = None
+) -> Conversation | None:
+    """The conversation, row-locked; with `tenant_id`, only if it is that tenant's, so that a
+    request naming another tenant's conversation neither waits for its lock nor takes it."""
+    query = select(Conversation).where(Conversation.id == conversation_id)
+    if tenant_id is not None:
+        query = query.where(Conversation.tenant_id == tenant_id)
+    return session.execute(query.with_for_update()).scalar_one_or_none()
 
 
 def has_earlier_unfinished(session: Session, *, conversation_id: str, turn: int) -> bool:

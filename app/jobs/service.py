@@ -70,7 +70,7 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
     now = utcnow()
     if request.conversation_id is not None:
         conversation = (
-            lifecycle.lock_conversation(session, request.conversation_id)
+            lifecycle.lock_conversation(session, request.conversation_id, tenant_id=tenant_id)
             if plausible_id(request.conversation_id)
             else None
         )
