@@ -40,6 +40,15 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# Characters of a key kept and listed in clear, so that an operator can tell keys apart: "pk_"
+# and three of its own. A key has at least 20 characters, so at least 14 stay secret.
+SHOWN_PREFIX_CHARS = 6
+
+
+def shown_prefix(secret: str) -> str:
+    return secret[:SHOWN_PREFIX_CHARS]
+
+
 def generate_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
@@ -60,7 +69,7 @@ def create_key(
         scope=scope.value,
         name=name,
         key_hash=hash_key(secret),
-        key_prefix=secret[:12],
+        key_prefix=shown_prefix(secret),
     )
     session.add(key)
     session.flush()
@@ -101,7 +110,7 @@ def ensure_bootstrap_admin(session: Session, *, secret: str) -> None:
             scope=Scope.admin.value,
             name="PARLEY_ADMIN_KEY",
             key_hash=hash_key(secret),
-            key_prefix=secret[:12],
+            key_prefix=shown_prefix(secret),
             created_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["key_hash"])

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.models import Job, Message
+from app.models import ApiKey, Job, Message
 from tests.integration.helpers import Api
 
 pytestmark = pytest.mark.integration
@@ -47,6 +47,11 @@ def test_keys_scopes_and_revocation(api_no_workers: Api) -> None:
     listed = {k["tenant"]: k for k in keys}
     assert listed["acme"]["scope"] == "client"
     assert "key" not in listed["acme"]
+    # Six characters in clear, no more: the rest of the key is kept only as its hash.
+    assert listed["acme"]["prefix"] == client_key[:6]
+    with session_scope() as session:
+        prefixes = session.execute(select(ApiKey.key_prefix)).scalars().all()
+    assert prefixes and all(len(prefix) <= 6 for prefix in prefixes)
     assert (
         api.request("DELETE", f"/v1/admin/keys/{listed['acme']['id']}", api.admin_key).status_code
         == 204
