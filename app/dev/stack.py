@@ -93,11 +93,13 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def api(self, *, host: str = "127.0.0.1", port: int | None = None) -> Process:
+    def api(
+        self, *, host: str = "127.0.0.1", port: int | None = None, log: Path | None = None
+    ) -> Process:
         """`parley api`; its address is `base_url`."""
         port = port or free_port()
         self.base_url = f"http://{host}:{port}"
-        return self.start(["app.cli", "api", "--host", host, "--port", str(port)])
+        return self.start(["app.cli", "api", "--host", host, "--port", str(port)], log=log)
 
     def turn_worker(
         self,

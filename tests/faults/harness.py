@@ -29,7 +29,8 @@ import redis
 
 from app.dev.postgres import LocalPostgres, libpq_url
 from app.dev.redis_server import LocalRedis
-from app.dev.stack import ROOT, Stack, ensure_model, free_port, wait_http
+from app.dev.stack import ROOT, Stack, ensure_model, free_port
+from app.migrate import upgrade_database
 from app.redis import WORKERS_KEY
 
 BROKER_MARKER = "parley:broker-marker"  # worker/turn_worker/reconciler.py
@@ -81,8 +82,6 @@ class FaultWorld:
     # Servers -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        from app.migrate import upgrade_database
-
         self.pg.start()
         self.database_url = self.pg.create_database("parley")
         upgrade_database(self.database_url)
@@ -132,13 +131,10 @@ class FaultWorld:
 
     def api(self) -> None:
         assert self.stack is not None
-        port = free_port()
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.stack.base_url = self.base_url
-        proc = self.stack.start(
-            ["app.cli", "api", "--host", "127.0.0.1", "--port", str(port)], log=self.log
-        )
-        assert wait_http(self.base_url + "/livez", timeout=60, procs=[proc]), self.problems()
+        self.stack.api(log=self.log)
+        assert self.stack.base_url is not None
+        self.base_url = self.stack.base_url
+        assert self.stack.wait_ready("/livez", timeout=60), self.problems()
         self._http = httpx.Client(base_url=self.base_url, timeout=30)
 
     def worker(

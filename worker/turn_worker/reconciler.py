@@ -73,6 +73,7 @@ def _recover_expired(session: Session, settings: Settings) -> int:
             .with_for_update(skip_locked=True)
         ).scalars()
     )
+    recovered = 0
     for job in expired:
         # Job ends take the conversation's lock first; here the job's is already held, so
         # lock the conversation without waiting and leave a busy one for the next round.
@@ -97,9 +98,10 @@ def _recover_expired(session: Session, settings: Settings) -> int:
         else:
             lifecycle.requeue(session, job)
             outcome = "queued again"
+        recovered += 1
         with log_context(job_id=job.id):
             log.warning("its lease expired (worker presumed lost); %s", outcome)
-    return len(expired)
+    return recovered
 
 
 def _redispatch_queued(session: Session, *, sent_before: datetime | None, why: str) -> int:
