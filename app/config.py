@@ -50,10 +50,20 @@ class Settings(BaseSettings):
     worker_prefix_cache_mb: int = Field(default=1024, ge=0)
     max_turn_attempts: int = Field(default=3, ge=1)
     max_unfinished_jobs_per_tenant: int = Field(default=1000, ge=1)
+    # Fair share: a tenant's jobs waiting in the broker at once (its share of the queue); the
+    # rest wait in PostgreSQL and are sent one by one as these start, so the broker interleaves
+    # tenants. FAIR_SHARE_TENANTS ("ten_a=16,ten_b=1") gives tenants other shares (weights).
+    fair_share_default: int = Field(default=4, ge=1)
+    fair_share_tenants: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     # Requests per minute for one API key; 0 turns the limit off.
     rate_limit_per_minute: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: int = Field(default=60, ge=0)
+    # Requests one API key may hold open at once with `Prefer: wait` (or a stream); beyond it a
+    # request is answered at once with the job's current state.
+    max_held_requests_per_key: int = Field(default=100, ge=0)
+    # The longest one SQL statement of an API request may run (0: no limit); over it, `503`.
+    api_statement_timeout_seconds: float = Field(default=10.0, ge=0)
     # A running turn's claim lasts this long and its worker renews it with each heartbeat:
     # a worker that stops renewing (it died) loses its turns to the reconciler, which runs
     # them again. Compared on the database's clock. More than two heartbeats.
@@ -74,6 +84,10 @@ class Settings(BaseSettings):
     # A due attempt whose message no worker took within this long is sent again.
     webhook_redispatch_seconds: float = Field(default=300.0, gt=0)
     webhook_resolve_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    # Webhook host lookups at submit running at once in one API process; beyond it, `503`.
+    webhook_resolve_concurrency: int = Field(default=16, ge=1, le=256)
+    # A job's webhook may be redelivered at most once in this many seconds (`429` sooner).
+    webhook_redeliver_interval_seconds: float = Field(default=60.0, ge=0)
 
     @field_validator("database_url")
     @classmethod
@@ -100,6 +114,24 @@ class Settings(BaseSettings):
             parts = [part.strip() for part in value.split(",") if part.strip()]
             return [ipaddress.ip_network(part, strict=False) for part in parts]
         return value
+
+    @field_validator("fair_share_tenants", mode="before")
+    @classmethod
+    def _shares(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            shares: dict[str, int] = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                tenant, sep, share = part.partition("=")
+                if not sep or not tenant.strip() or not share.strip().isdigit():
+                    raise ValueError(f"expected tenant=share, got {part!r}")
+                if int(share) < 1:
+                    raise ValueError(f"a share is at least 1, got {part!r}")
+                shares[tenant.strip()] = int(share)
+            return shares
+        return value
+
+    def fair_share(self, tenant_id: str) -> int:
+        return self.fair_share_tenants.get(tenant_id, self.fair_share_default)
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
