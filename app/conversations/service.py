@@ -93,10 +93,14 @@ def delete_conversation(session: Session, *, conversation: Conversation) -> list
         ).scalars()
     )
     running = [job.id for job in unfinished if job.status == JobStatus.running]
+    sent = any(job.status == JobStatus.queued and job.enqueued_at for job in unfinished)
     for job in unfinished:
         job.cancel_requested = True
         job.status = JobStatus.cancelled
     session.flush()
     # Messages, jobs and idempotency records go with the conversation (ON DELETE CASCADE).
     session.execute(delete(Conversation).where(Conversation.id == conversation.id))
+    if sent:
+        # Its sent jobs left the broker's queue unstarted: room for the tenant's held ones.
+        lifecycle.release_held(session, tenant_id=conversation.tenant_id)
     return running

@@ -3,7 +3,9 @@
 Every transition that decides which job of a conversation may run takes the conversation's
 row lock first, so submissions and job ends of one conversation are serialised and jobs run
 one at a time in acceptance order (invariant 4). A job is sent to the broker only when it is
-its conversation's next one; the job that ends releases the next.
+its conversation's next one (it is *ready*); the job that ends makes the next ready. A ready
+job is sent at once while its tenant has room in its fair share of the broker, and otherwise
+held until one of its tenant's sent jobs starts (app.jobs.fair_share).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
+from app.jobs import fair_share
 from app.jobs.presenter import to_job_out
 from app.models import UNFINISHED, Conversation, Job, JobStatus
 from app.models.base import utcnow
@@ -57,8 +60,43 @@ def dispatch(session: Session, job: Job) -> None:
     enqueue_after_commit(session, RUN_TURN, [job.id])
 
 
+def make_ready(session: Session, job: Job) -> None:
+    """`job` is now its conversation's next: send it, or hold it past its tenant's share."""
+    job.ready_at = utcnow()
+    if fair_share.has_room(session, job.tenant_id):
+        dispatch(session, job)
+
+
+def release_held(session: Session, *, tenant_id: str) -> int:
+    """Send as many of the tenant's held jobs as its share has room for, oldest ready first.
+    Called wherever a sent job leaves the broker's queue (it started, or ended unstarted).
+    Returns how many were sent."""
+    room = fair_share.room(session, tenant_id)
+    if room <= 0:
+        return 0
+    held = list(
+        session.execute(
+            select(Job)
+            .where(
+                Job.tenant_id == tenant_id,
+                Job.status == JobStatus.queued,
+                Job.enqueued_at.is_(None),
+                Job.ready_at.is_not(None),
+            )
+            .order_by(Job.ready_at, Job.id)
+            .limit(room)
+            # A held job locked elsewhere is being cancelled or deleted: skipped, not waited
+            # for (its holder may be waiting for this tenant's lock).
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    for job in held:
+        dispatch(session, job)
+    return len(held)
+
+
 def release_next(session: Session, *, conversation_id: str) -> None:
-    """After a job of the conversation ended: dispatch the next one, if it is queued.
+    """After a job of the conversation ended: its next one, if queued, is ready.
 
     The caller holds the conversation's row lock."""
     nxt = session.execute(
@@ -67,8 +105,8 @@ def release_next(session: Session, *, conversation_id: str) -> None:
         .order_by(Job.turn)
         .limit(1)
     ).scalar_one_or_none()
-    if nxt is not None and nxt.status == JobStatus.queued:
-        dispatch(session, nxt)
+    if nxt is not None and nxt.status == JobStatus.queued and nxt.ready_at is None:
+        make_ready(session, nxt)
 
 
 @dataclass(frozen=True)
@@ -103,6 +141,7 @@ def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
     presumed dead) and first among its conversation's unfinished jobs. None: not ours to run
     (already claimed, ended, cancelled, deleted, or not yet its turn)."""
     token = secrets.token_hex(16)
+    # The job leaves the broker's queue: its tenant's next held job may take its place.
     row = session.execute(
         update(Job)
         .where(
@@ -119,9 +158,12 @@ def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
             lease_expires_at=lease_until(lease_seconds),
             started_at=utcnow(),
         )
-        .returning(Job.attempts)
+        .returning(Job.attempts, Job.tenant_id)
     ).first()
-    return None if row is None else Claim(job_id, token, int(row.attempts))
+    if row is None:
+        return None
+    release_held(session, tenant_id=row.tenant_id)
+    return Claim(job_id, token, int(row.attempts))
 
 
 def renew_leases(session: Session, *, tokens: Collection[str], lease_seconds: int) -> int:
@@ -161,6 +203,7 @@ def end_job(
 ) -> None:
     """Move `job` to a terminal state, write its webhook event, and release its
     conversation's next job. The caller holds the conversation's row lock."""
+    unstarted_sent = job.status == JobStatus.queued and job.enqueued_at is not None
     job.status = status
     job.finished_at = utcnow()
     job.lease_expires_at = None
@@ -172,10 +215,13 @@ def end_job(
             session, job, data=to_job_out(session, job).model_dump(mode="json")
         )
     release_next(session, conversation_id=job.conversation_id)
+    if unstarted_sent:
+        release_held(session, tenant_id=job.tenant_id)
 
 
 def requeue(session: Session, job: Job) -> None:
-    """Give a claimed job back to the queue (a retry after a transient failure)."""
+    """Give a claimed job back to the queue (a retry after a transient failure). Sent at once,
+    past its tenant's share if need be: it had its turn, and was interrupted."""
     job.status = JobStatus.queued
     job.claim_token = None
     job.lease_expires_at = None

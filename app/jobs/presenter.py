@@ -1,11 +1,13 @@
 """A Job row as the API shows it (`JobOut`): read by the routes, the admin views and the
-webhook payload alike. Reads only tables and schemas, so any domain may use it."""
+webhook payload alike. Reads only tables, schemas and the fair-share policy, so any domain
+may use it."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs import fair_share
 from app.jobs.schemas import JobError, JobOut, Usage
 from app.models import Job, JobStatus, Message, WebhookEvent
 from app.schemas import ChatMessage
@@ -13,18 +15,10 @@ from app.webhooks.schemas import WebhookState
 
 
 def queue_position(session: Session, job: Job) -> int:
-    """Queued jobs accepted before this one."""
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.status == JobStatus.queued,
-                (Job.created_at < job.created_at)
-                | ((Job.created_at == job.created_at) & (Job.id < job.id)),
-            )
-        ).scalar_one()
-    )
+    """Jobs that will run before this queued one, under the fair share between tenants."""
+    if job.enqueued_at is not None:
+        return fair_share.sent_position(session, job)
+    return fair_share.held_position(session, job)
 
 
 def webhook_state(session: Session, job: Job) -> WebhookState | None:

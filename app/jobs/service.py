@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import ProblemError, not_found
 from app.ids import new_id, plausible_id
-from app.jobs import lifecycle
+from app.jobs import fair_share, lifecycle
 from app.jobs.schemas import JobCreate
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message, user_seq
 from app.models.base import utcnow
@@ -95,6 +95,7 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
     is_next = turn == 1 or not lifecycle.has_earlier_unfinished(
         session, conversation_id=conversation.id, turn=turn
     )
+    send = is_next and fair_share.has_room(session, tenant_id)
     job = Job(
         id=new_id("job"),
         tenant_id=tenant_id,
@@ -108,8 +109,10 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
         cancel_requested=False,
         created_at=now,
     )
-    session.add(job)
     if is_next:
+        job.ready_at = now
+    session.add(job)
+    if send:
         lifecycle.dispatch(session, job)
     session.flush()
     session.add(

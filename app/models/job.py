@@ -58,6 +58,25 @@ class Job(CreatedAt, Base):
         ),
         # Admin stats over the last hour (migration 0003). Status changes already make job
         # updates non-HOT, so these cost little more on writes.
+        # Fair share (migration 0005): a tenant's sent jobs still waiting in the broker...
+        Index(
+            "ix_jobs_sent",
+            "tenant_id",
+            "enqueued_at",
+            postgresql_where=text(
+                f"status = '{JobStatus.queued.value}' AND enqueued_at IS NOT NULL"
+            ),
+        ),
+        # ...and its ready jobs held back in PostgreSQL, in the order they are sent.
+        Index(
+            "ix_jobs_held",
+            "tenant_id",
+            "ready_at",
+            postgresql_where=text(
+                f"status = '{JobStatus.queued.value}' AND enqueued_at IS NULL "
+                "AND ready_at IS NOT NULL"
+            ),
+        ),
         Index("ix_jobs_started_at", "started_at"),
         Index("ix_jobs_finished_at", "finished_at"),
     )
@@ -81,6 +100,9 @@ class Job(CreatedAt, Base):
     claim_token: Mapped[str | None] = mapped_column(String(32))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Ready: the job became its conversation's next. Sent (enqueued_at): its message went to
+    # the broker, at once or, past its tenant's fair share, when an earlier one started.
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -58,8 +58,14 @@ def reconcile(settings: Settings) -> tuple[int, int]:
             sent = _redispatch_queued(
                 session, sent_before=utcnow() - REDISPATCH_AFTER, why="no message seen for long"
             )
-    if recovered or sent:
-        log.info("reconciled: %d expired running jobs, %d queued jobs sent again", recovered, sent)
+        released = _release_held(session)
+    if recovered or sent or released:
+        log.info(
+            "reconciled: %d expired running jobs, %d queued jobs sent again, %d held jobs sent",
+            recovered,
+            sent,
+            released,
+        )
     return recovered, sent
 
 
@@ -105,11 +111,15 @@ def _recover_expired(session: Session, settings: Settings) -> int:
 
 
 def _redispatch_queued(session: Session, *, sent_before: datetime | None, why: str) -> int:
-    """Send again the queued jobs that are next in their conversation and were sent before
-    `sent_before` (or never); all of them when it is None."""
-    due = [Job.status == JobStatus.queued, lifecycle.is_next_in_conversation()]
+    """Send again the queued jobs that were sent before `sent_before` and have not started;
+    all of them when it is None. (Held jobs were never sent: `_release_held` sends them.)"""
+    due = [
+        Job.status == JobStatus.queued,
+        Job.enqueued_at.is_not(None),
+        lifecycle.is_next_in_conversation(),
+    ]
     if sent_before is not None:
-        due.append(Job.enqueued_at.is_(None) | (Job.enqueued_at < sent_before))
+        due.append(Job.enqueued_at < sent_before)
     stale = list(
         session.execute(
             select(Job)
@@ -124,6 +134,19 @@ def _redispatch_queued(session: Session, *, sent_before: datetime | None, why: s
     if stale:
         log.info("%d queued jobs sent again (%s): %s", len(stale), why, [j.id for j in stale])
     return len(stale)
+
+
+def _release_held(session: Session) -> int:
+    """Send held jobs whose tenants have room in their share. Every start releases its
+    tenant's next held job; this is the backstop for room made otherwise (a conversation
+    deleted by retention, a release that skipped a job locked at that moment)."""
+    tenants = session.execute(
+        select(Job.tenant_id)
+        .where(Job.status == JobStatus.queued, Job.enqueued_at.is_(None), Job.ready_at.is_not(None))
+        .distinct()
+        .limit(BATCH)
+    ).scalars()
+    return sum(lifecycle.release_held(session, tenant_id=tenant) for tenant in list(tenants))
 
 
 def _broker_queue_empty() -> bool:
