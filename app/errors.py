@@ -54,6 +54,32 @@ class ProblemError(Exception):
         self.errors = errors
 
 
+# The problem document in JSON Schema, for the OpenAPI document (app.main).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; validation errors (422) add `errors`.",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                },
+                "required": ["loc", "msg"],
+            },
+        },
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+
+
 def problem_response(
     status: int,
     detail: str,
@@ -101,6 +127,14 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is an invalid body,
+        # like one that is not JSON (a 422 naming the body).
+        return problem_response(
+            422,
+            "The request is not valid.",
+            errors=[{"loc": ["body"], "msg": "JSON text must be valid UTF-8"}],
+        )
     return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from app.config import get_settings
 from app.conversations.router import router as conversations_router
 from app.db import session_scope
 from app.deps import SESSION_SLOTS
-from app.errors import install_error_handlers
+from app.errors import PROBLEM_JSON, PROBLEM_SCHEMA, install_error_handlers
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.waiter import JobWaiter
@@ -48,9 +49,55 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await waiter.stop()
 
 
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+
+
+_CLIENT_ERRORS = _problem(
+    "Problem details (api.md): 401 without a valid key, 403 without the scope, 404 an unknown "
+    "or another tenant's object (a malformed id included), 409 a conflict, 413 a body over "
+    "the limit, 422 an invalid request (with `errors`), 429 too many requests (`Retry-After`)."
+)
+_UNAVAILABLE = _problem("The database or Redis is unavailable (`Retry-After`).")
+
+
+def document_errors(document: dict[str, Any]) -> None:
+    """Errors as the API answers them, in the OpenAPI document: problem+json, not FastAPI's
+    default 422 body (`{"detail": [...]}` as application/json), and bearer keys on /v1."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas["Problem"] = PROBLEM_SCHEMA
+    components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                operation["security"] = [{"apiKey": []}]
+                responses["4XX"] = _CLIENT_ERRORS
+                responses["503"] = _UNAVAILABLE
+    if "/readyz" in document.get("paths", {}):
+        document["paths"]["/readyz"]["get"]["responses"]["503"] = _problem(
+            "Not ready: names what is missing (database, redis, worker)."
+        )
+
+
+class ParleyAPI(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            document_errors(super().openapi())
+        assert self.openapi_schema is not None
+        return self.openapi_schema
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(
+    app = ParleyAPI(
         title="Parley",
         version="0.1.0",
         summary="A queue-backed asynchronous job API for multi-turn chat.",

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 
 def _storable(value: str) -> str:
@@ -23,6 +32,16 @@ def _not_blank(value: str) -> str:
         raise ValueError("must not be only whitespace")
     return value
 
+
+def _rfc3339(value: object) -> object:
+    # Pydantic reads a number as unix seconds: `until=2024` would mean 1970-01-01T00:33:44Z.
+    if isinstance(value, str) and not re.match(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("must be an RFC 3339 date-time, such as 2024-05-01T00:00:00Z")
+    return value
+
+
+# A time a client sends (api.md: RFC 3339; a date alone is its midnight, no offset is UTC).
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 StorableText = Annotated[str, AfterValidator(_storable)]
 MessageText = Annotated[
