@@ -11,6 +11,7 @@ answer are read (raw: a compressed body is not inflated).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import httpx
 
 from app.config import IPNetwork
 from app.webhooks import ssrf
+
+log = logging.getLogger("parley.webhooks")
 
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = "Parley-Webhooks/1.0"
@@ -79,7 +82,11 @@ async def _exchange(
         raise refused
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """`Type: message`, fit for an attempt's record; a group of exceptions (anyio's task
+    groups raise them) is named by its leaves."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(leaf) for leaf in exc.exceptions)[:500]
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:500]
 
@@ -93,7 +100,8 @@ def post(
     timeout: float,
     resolve_timeout: float,
 ) -> AttemptResult:
-    """One attempt; never raises for anything the receiver or the network does."""
+    """One attempt; never raises for anything the receiver, the network or the resolver
+    does."""
     started = time.monotonic()
 
     def elapsed_ms() -> int:
@@ -104,13 +112,23 @@ def post(
     except ssrf.UnsafeWebhookUrl as exc:
         # Checked again at each attempt: a name may now resolve elsewhere (DNS rebinding).
         return AttemptResult(None, f"refused, no connection made: {exc}", elapsed_ms())
+    except Exception as exc:
+        log.exception("webhook URL check failed: %s", url)
+        return AttemptResult(
+            None, f"the URL could not be checked, no connection made: {describe(exc)}", elapsed_ms()
+        )
     try:
         status, read = asyncio.run(_exchange(target, body, headers, timeout))
     except (TimeoutError, httpx.TimeoutException):
         return AttemptResult(None, f"timeout: no complete answer within {timeout:g}s", elapsed_ms())
     except httpx.HTTPError as exc:
-        return AttemptResult(None, _describe(exc), elapsed_ms())
+        return AttemptResult(None, describe(exc), elapsed_ms())
     except OSError as exc:
-        return AttemptResult(None, _describe(exc), elapsed_ms())
+        return AttemptResult(None, describe(exc), elapsed_ms())
+    except Exception as exc:
+        # Anything else the network stack raises (an ExceptionGroup from a task group, an
+        # OverflowError): the attempt failed, and says how.
+        log.exception("webhook POST to %s failed unexpectedly", url)
+        return AttemptResult(None, describe(exc), elapsed_ms())
     error = f"redirect not followed (HTTP {status})" if 300 <= status < 400 else None
     return AttemptResult(status, error, elapsed_ms(), read)
