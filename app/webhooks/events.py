@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import DateTime, String, column, func, select, table, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import Settings, get_settings
 from app.errors import ProblemError
 from app.ids import new_id
 from app.models import Job, WebhookAttempt, WebhookEvent, WebhookStatus
@@ -58,8 +60,40 @@ def record_job_end(session: Session, job: Job, *, data: dict[str, Any]) -> None:
         enqueue_after_commit(session, DELIVER_WEBHOOK, [event_id])
 
 
+# When the event was last redelivered on request (migration 0006). Read and written through
+# this table clause while app.models.WebhookEvent does not map the column.
+_redelivery = table(
+    "webhook_events",
+    column("id", String),
+    column("redelivered_at", DateTime(timezone=True)),
+)
+
+
+def _hold_redelivery(session: Session, *, event_id: str, interval: float) -> None:
+    """Stamp the event's redelivery now (the database's clock), or ProblemError 429 with
+    Retry-After when the last one was less than `interval` seconds ago. The caller holds
+    the event's row lock, so two requests at once cannot both pass."""
+    last, now = session.execute(
+        select(_redelivery.c.redelivered_at, func.now()).where(_redelivery.c.id == event_id)
+    ).one()
+    if last is not None and interval > 0:
+        assert isinstance(last, datetime) and isinstance(now, datetime)
+        wait = interval - (now - last).total_seconds()
+        if wait > 0:
+            raise ProblemError(
+                429,
+                f"This job's webhook was redelivered less than {interval:g} seconds ago; "
+                "retry after that.",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+    session.execute(
+        update(_redelivery).where(_redelivery.c.id == event_id).values(redelivered_at=now)
+    )
+
+
 def redeliver(session: Session, *, job: Job) -> WebhookState:
-    """Send the job's event again now; a delivered or failed one starts a new round of retries."""
+    """Send the job's event again now; a delivered or failed one starts a new round of
+    retries. At most once per WEBHOOK_REDELIVER_INTERVAL_SECONDS per job (429 sooner)."""
     if job.webhook_url is None:
         raise ProblemError(409, "The job has no webhook_url: there is nothing to deliver.")
     event = session.execute(
@@ -67,6 +101,9 @@ def redeliver(session: Session, *, job: Job) -> WebhookState:
     ).scalar_one_or_none()
     if event is None:
         raise ProblemError(409, "The job has not ended; its webhook is sent when it does.")
+    _hold_redelivery(
+        session, event_id=event.id, interval=get_settings().webhook_redeliver_interval_seconds
+    )
     now = utcnow()
     if event.status != WebhookStatus.pending:
         event.status = WebhookStatus.pending

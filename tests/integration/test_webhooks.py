@@ -3,6 +3,7 @@ Standard Webhooks signature; secrets, rotation, the delivery log and redelivery.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
+from app.config import get_settings
 from app.db import session_scope
 from app.models import WebhookEvent
 from tests.integration.helpers import Api
@@ -206,3 +208,55 @@ def test_deleting_a_conversation_deletes_its_webhook_events(api: Api) -> None:
     assert answer.status_code == 204
     with session_scope() as session:
         assert session.get(WebhookEvent, event_id) is None
+
+
+def test_redeliver_is_limited_to_once_per_interval_per_job(api_no_workers: Api) -> None:
+    """A second redeliver within WEBHOOK_REDELIVER_INTERVAL_SECONDS is a 429 whose
+    Retry-After says when the next may come; another job is not held by it; after the
+    interval (the clock moved in the database) it is accepted again."""
+    api = api_no_workers
+    key = api.create_key("acme")
+    interval = get_settings().webhook_redeliver_interval_seconds
+    assert interval >= 10
+    jobs = []
+    for _ in range(2):
+        job = api.submit(key, message="x", webhook_url="http://127.0.0.1:9/hook")
+        # Ended by the cancel (or by a turn worker of the session, should one have taken it).
+        assert api.request("POST", f"/v1/jobs/{job['id']}/cancel", key).status_code in (200, 409)
+        api.wait(key, job["id"])
+        jobs.append(job["id"])
+    first, other = jobs
+
+    def redeliver(job_id: str) -> Any:
+        return api.request("POST", f"/v1/jobs/{job_id}/webhook/redeliver", key)
+
+    assert redeliver(first).status_code == 202
+    answer = redeliver(first)
+    assert answer.status_code == 429, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert 1 <= int(answer.headers["retry-after"]) <= math.ceil(interval)
+    assert answer.json()["status"] == 429
+    assert redeliver(other).status_code == 202
+
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_events SET redelivered_at = redelivered_at - make_interval("
+                "secs => :s) WHERE job_id = :j"
+            ),
+            {"s": interval - 2.5, "j": first},
+        )
+    answer = redeliver(first)
+    assert answer.status_code == 429
+    # 2.5 s or a little less are left: rounded up, never down to 0.
+    assert answer.headers["retry-after"] in ("2", "3")
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_events SET redelivered_at = redelivered_at - interval '3 seconds'"
+                " WHERE job_id = :j"
+            ),
+            {"j": first},
+        )
+    assert redeliver(first).status_code == 202
+    assert redeliver(first).status_code == 429
