@@ -1,8 +1,13 @@
-"""Webhook events: written with the job's end, read into the Job, redelivered on request."""
+"""Webhook events: written with the job's end, read into the Job, redelivered on request;
+and the check of a submitted webhook_url."""
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -144,9 +149,17 @@ def list_attempts(
     ], next_cursor
 
 
+def _refused(exc: ssrf.UnsafeWebhookUrl) -> ProblemError:
+    return ProblemError(
+        422,
+        f"webhook_url is not allowed: {exc}.",
+        errors=[{"loc": ["body", "webhook_url"], "msg": str(exc)}],
+    )
+
+
 def check_submitted_url(url: str, settings: Settings) -> None:
     """At submit: a `webhook_url` the SSRF guard refuses (or whose host does not resolve) is a
-    422 on that field."""
+    422 on that field. The lookup holds a thread; vet_submitted_url does not."""
     try:
         ssrf.check_url(
             url,
@@ -154,8 +167,85 @@ def check_submitted_url(url: str, settings: Settings) -> None:
             resolve_timeout=settings.webhook_resolve_timeout_seconds,
         )
     except ssrf.UnsafeWebhookUrl as exc:
-        raise ProblemError(
-            422,
-            f"webhook_url is not allowed: {exc}.",
-            errors=[{"loc": ["body", "webhook_url"], "msg": str(exc)}],
-        ) from None
+        raise _refused(exc) from None
+
+
+# One tenant may hold at most this fraction of the process's lookups (1/TENANT_SHARE), so
+# that its slow names leave the rest to the other tenants.
+TENANT_SHARE = 4
+
+
+class LookupSlots:
+    """Host lookups in flight in this process, in all and per tenant. Full: refused at once
+    (a submit never queues behind slow names)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = 0
+        self._by_tenant: Counter[str] = Counter()
+
+    def in_flight(self, tenant_id: str | None = None) -> int:
+        with self._lock:
+            return self._total if tenant_id is None else self._by_tenant[tenant_id]
+
+    @contextmanager
+    def take(self, tenant_id: str, settings: Settings) -> Iterator[None]:
+        """One slot for the lookup of the block. The tenant's share taken: 429 (its own
+        lookups, as its other limits are); the process's: 503 (others' load, not the
+        client's doing). Either says when a slot frees: within one lookup's timeout."""
+        limit = settings.webhook_resolve_concurrency
+        share = max(1, limit // TENANT_SHARE)
+        retry_after = {
+            "Retry-After": str(max(1, math.ceil(settings.webhook_resolve_timeout_seconds)))
+        }
+        with self._lock:
+            if self._by_tenant[tenant_id] >= share:
+                raise ProblemError(
+                    429,
+                    f"This tenant has {share} webhook_url lookups in progress, the most "
+                    "allowed at once; retry shortly.",
+                    headers=retry_after,
+                )
+            if self._total >= limit:
+                raise ProblemError(
+                    503,
+                    "Too many webhook_url lookups are in progress; retry shortly.",
+                    headers=retry_after,
+                )
+            self._total += 1
+            self._by_tenant[tenant_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._total -= 1
+                self._by_tenant[tenant_id] -= 1
+                if not self._by_tenant[tenant_id]:
+                    del self._by_tenant[tenant_id]
+
+
+lookup_slots = LookupSlots()
+
+
+async def vet_submitted_url(url: str, settings: Settings, *, tenant_id: str) -> None:
+    """At submit, as check_submitted_url, with the lookup on the event loop: 422 on
+    webhook_url when the guard refuses it, its host does not resolve or does not resolve
+    within WEBHOOK_RESOLVE_TIMEOUT_SECONDS; 429 or 503 when the lookups in flight are at
+    the tenant's share or the process's bound (LookupSlots). A literal address and a name of
+    the hosts file take no slot: they are not looked up."""
+    try:
+        target = ssrf.parse_target(url)
+        if target.literal is not None:
+            addresses = [target.literal]
+        else:
+            known = ssrf.hosts_file_addresses(target.name)
+            if known is not None:
+                addresses = known
+            else:
+                with lookup_slots.take(tenant_id, settings):
+                    addresses = await ssrf.resolve_dns(
+                        target.name, target.port, settings.webhook_resolve_timeout_seconds
+                    )
+        ssrf.check_addresses(target, addresses, settings.webhook_allowed_networks)
+    except ssrf.UnsafeWebhookUrl as exc:
+        raise _refused(exc) from None

@@ -5,17 +5,27 @@ encodings a resolver accepts: `2130706433`, `0x7f.1`, `127.1`, `[::ffff:127.0.0.
 (every address it resolves to), is a public unicast address, or lies in the operator's
 allow-list (`WEBHOOK_ALLOWED_NETWORKS`). The checked addresses are returned so that the
 caller connects to one of them, never to a second answer of the resolver (DNS rebinding).
+
+Two lookups: `resolve_host` (the C library's, on a thread: the I/O worker's) and
+`hosts_file_addresses` then `resolve_dns` (the API's, at submit): DNS through c-ares
+(aiodns), whose queries run on the event loop and one c-ares thread for all of them, so
+a lookup abandoned at its timeout holds no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import ipaddress
+import os
 import re
 import socket
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import aiodns
 import httpx
 
 from app.config import IPNetwork
@@ -70,6 +80,88 @@ def resolve_host(host: str, port: int, timeout: float) -> list[IPAddress]:
     addresses: list[IPAddress] = []
     for _, _, _, _, sockaddr in answers:
         address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+# The hosts file, read as the C library's "files" source reads it; None: DNS servers of
+# /etc/resolv.conf. Tests point these elsewhere.
+HOSTS_FILE = Path("/etc/hosts")
+DNS_SERVERS: list[str] | None = None
+_hosts_cache: tuple[tuple[float, int], dict[str, list[IPAddress]]] | None = None
+_resolvers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiodns.DNSResolver] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def hosts_file_addresses(name: str) -> list[IPAddress] | None:
+    """The addresses the hosts file gives `name` (lower case, no final dot), in file order;
+    None when it does not name it (or there is no hosts file)."""
+    global _hosts_cache
+    try:
+        stat = os.stat(HOSTS_FILE)
+    except OSError:
+        return None
+    stamp = (stat.st_mtime, stat.st_size)
+    if _hosts_cache is None or _hosts_cache[0] != stamp:
+        table: dict[str, list[IPAddress]] = {}
+        for line in HOSTS_FILE.read_text(errors="replace").splitlines():
+            fields = line.partition("#")[0].split()
+            if len(fields) < 2:
+                continue
+            try:
+                address = ipaddress.ip_address(fields[0].partition("%")[0])
+            except ValueError:
+                continue
+            for alias in fields[1:]:
+                known = table.setdefault(alias.lower().rstrip("."), [])
+                if address not in known:
+                    known.append(address)
+        _hosts_cache = (stamp, table)
+    return _hosts_cache[1].get(name)
+
+
+def _dns_resolver(timeout: float) -> aiodns.DNSResolver:
+    """The running loop's c-ares channel (DNS only: the hosts file is read before it)."""
+    loop = asyncio.get_running_loop()
+    resolver = _resolvers.get(loop)
+    if resolver is None:
+        resolver = aiodns.DNSResolver(
+            nameservers=DNS_SERVERS, loop=loop, timeout=timeout, tries=1, lookups="b"
+        )
+        _resolvers[loop] = resolver
+    return resolver
+
+
+async def close_dns() -> None:
+    """Close the running loop's DNS channel, abandoning its queries: for the end of a loop
+    (an answer due after it would find the loop closed)."""
+    resolver = _resolvers.pop(asyncio.get_running_loop(), None)
+    if resolver is not None:
+        await resolver.close()
+
+
+async def resolve_dns(host: str, port: int, seconds: float) -> list[IPAddress]:
+    """Every address DNS gives `host`, within `seconds` (UnsafeWebhookUrl past them: the
+    query is abandoned and no thread waits on it). The hosts file is the caller's to read
+    first (hosts_file_addresses). Tests replace this function."""
+    try:
+        async with asyncio.timeout(seconds):
+            answer = await _dns_resolver(seconds).getaddrinfo(
+                host, port=port, type=socket.SOCK_STREAM
+            )
+    except TimeoutError:
+        raise UnsafeWebhookUrl(
+            f"the host {host!r} could not be resolved within {seconds:g}s"
+        ) from None
+    except (aiodns.error.DNSError, UnicodeError):
+        raise UnsafeWebhookUrl(f"the host {host!r} does not resolve") from None
+    addresses: list[IPAddress] = []
+    for node in answer.nodes:
+        raw = node.addr[0]
+        text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
+        address = ipaddress.ip_address(text.partition("%")[0])
         if address not in addresses:
             addresses.append(address)
     return addresses
@@ -148,36 +240,65 @@ def parse_webhook_url(url: str) -> httpx.URL:
     return parsed
 
 
-def check_url(url: str, *, allowed: Sequence[IPNetwork], resolve_timeout: float) -> CheckedTarget:
-    """Parse, resolve once and check `url`; every address must pass. UnsafeWebhookUrl if not."""
+@dataclass(frozen=True)
+class ParsedTarget:
+    """A URL that passed every check that needs no lookup."""
+
+    url: httpx.URL
+    host: str
+    port: int
+    # The address the host spells, or None for a name (to be resolved).
+    literal: IPAddress | None
+
+    @property
+    def name(self) -> str:
+        return self.host.rstrip(".")
+
+
+def parse_target(url: str) -> ParsedTarget:
+    """Parse `url` and refuse what is refused before any lookup: scheme, port, a host that is
+    neither an address nor a host name, a cloud metadata name. UnsafeWebhookUrl if so."""
     parsed = parse_webhook_url(url)
     host = parsed.host.lower()
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     name = host.rstrip(".")
     literal = literal_address(name)
-    if literal is not None:
-        addresses: list[IPAddress] = [literal]
-    else:
+    if literal is None:
         if not _HOST_NAME.match(name):
             raise UnsafeWebhookUrl(f"the host {host!r} is not a valid host name")
         if name in _BLOCKED_NAMES:
             raise UnsafeWebhookUrl(f"the host {host!r} is a cloud metadata service")
-        addresses = resolve_host(name, port, resolve_timeout)
-        if not addresses:
-            raise UnsafeWebhookUrl(f"the host {host!r} does not resolve")
+    return ParsedTarget(url=parsed, host=host, port=port, literal=literal)
+
+
+def check_addresses(
+    target: ParsedTarget, addresses: Sequence[IPAddress], allowed: Sequence[IPNetwork]
+) -> CheckedTarget:
+    """The target with its addresses (the literal's, or the name's answer), if every one may
+    be reached; else UnsafeWebhookUrl."""
+    if not addresses:
+        raise UnsafeWebhookUrl(f"the host {target.host!r} does not resolve")
     for address in addresses:
         reason = refusal(address, allowed)
         if reason is not None:
-            shown = host if literal is None else str(literal)
-            raise UnsafeWebhookUrl(
-                f"the host {shown!r} is {reason}"
-                if literal is not None
-                else f"the host {shown!r} resolves to {reason}"
-            )
+            if target.literal is not None:
+                raise UnsafeWebhookUrl(f"the host {str(target.literal)!r} is {reason}")
+            raise UnsafeWebhookUrl(f"the host {target.host!r} resolves to {reason}")
     return CheckedTarget(
-        url=parsed,
-        host=host,
-        port=port,
+        url=target.url,
+        host=target.host,
+        port=target.port,
         addresses=tuple(addresses),
-        is_literal=literal is not None,
+        is_literal=target.literal is not None,
     )
+
+
+def check_url(url: str, *, allowed: Sequence[IPNetwork], resolve_timeout: float) -> CheckedTarget:
+    """Parse, resolve once and check `url`; every address must pass. UnsafeWebhookUrl if not."""
+    target = parse_target(url)
+    addresses = (
+        [target.literal]
+        if target.literal is not None
+        else resolve_host(target.name, target.port, resolve_timeout)
+    )
+    return check_addresses(target, addresses, allowed)
