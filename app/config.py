@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # Fair share: a tenant's jobs waiting in the broker at once (its share of the queue); the
     # rest wait in PostgreSQL and are sent one by one as these start, so the broker interleaves
     # tenants. FAIR_SHARE_TENANTS ("ten_a=16,ten_b=1") gives tenants other shares (weights).
-    fair_share_default: int = Field(default=4, ge=1)
+    fair_share_default: int = Field(default=2, ge=1)
     fair_share_tenants: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     # Requests per minute for one API key; 0 turns the limit off.
     rate_limit_per_minute: int = Field(default=0, ge=0)

@@ -92,3 +92,14 @@ def test_worker_processes_are_pinned_and_do_not_oversubscribe(
     assert cpu.env["CUDA_VISIBLE_DEVICES"] == ""
     assert cpu.env["OMP_NUM_THREADS"] == "16"
     assert "--concurrency" in cpu.command
+
+
+def test_fair_shares_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAIR_SHARE_TENANTS", " ten_a=16, ten_b=1 ")
+    settings = Settings(_env_file=None)
+    assert settings.fair_share("ten_a") == 16 and settings.fair_share("ten_b") == 1
+    assert settings.fair_share("ten_other") == settings.fair_share_default
+    for bad in ("ten_a", "ten_a=0", "=3", "ten_a=x"):
+        monkeypatch.setenv("FAIR_SHARE_TENANTS", bad)
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None)
