@@ -31,6 +31,13 @@ class WebhookEvent(CreatedAt, Base):
             "next_attempt_at",
             postgresql_where=text(f"status = '{WebhookStatus.pending.value}'"),
         ),
+        # The fair sweep's scan: each tenant's earliest due attempts (migration 0006).
+        Index(
+            "ix_webhook_events_due_tenant",
+            "tenant_id",
+            "next_attempt_at",
+            postgresql_where=text(f"status = '{WebhookStatus.pending.value}'"),
+        ),
     )
 
     # `evt_...`: the Standard Webhooks `webhook-id`, the same on every attempt.
@@ -51,3 +58,6 @@ class WebhookEvent(CreatedAt, Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When a message for the due attempt was last sent to the broker.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the webhook was last redelivered on request (at most once per
+    # WEBHOOK_REDELIVER_INTERVAL_SECONDS).
+    redelivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

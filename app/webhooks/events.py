@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, String, column, func, select, table, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -65,22 +65,11 @@ def record_job_end(session: Session, job: Job, *, data: dict[str, Any]) -> None:
         enqueue_after_commit(session, DELIVER_WEBHOOK, [event_id])
 
 
-# When the event was last redelivered on request (migration 0006). Read and written through
-# this table clause while app.models.WebhookEvent does not map the column.
-_redelivery = table(
-    "webhook_events",
-    column("id", String),
-    column("redelivered_at", DateTime(timezone=True)),
-)
-
-
-def _hold_redelivery(session: Session, *, event_id: str, interval: float) -> None:
+def _hold_redelivery(session: Session, *, event: WebhookEvent, interval: float) -> None:
     """Stamp the event's redelivery now (the database's clock), or ProblemError 429 with
     Retry-After when the last one was less than `interval` seconds ago. The caller holds
     the event's row lock, so two requests at once cannot both pass."""
-    last, now = session.execute(
-        select(_redelivery.c.redelivered_at, func.now()).where(_redelivery.c.id == event_id)
-    ).one()
+    last, now = event.redelivered_at, session.execute(select(func.now())).scalar_one()
     if last is not None and interval > 0:
         assert isinstance(last, datetime) and isinstance(now, datetime)
         wait = interval - (now - last).total_seconds()
@@ -91,9 +80,7 @@ def _hold_redelivery(session: Session, *, event_id: str, interval: float) -> Non
                 "retry after that.",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
-    session.execute(
-        update(_redelivery).where(_redelivery.c.id == event_id).values(redelivered_at=now)
-    )
+    event.redelivered_at = now
 
 
 def redeliver(session: Session, *, job: Job) -> WebhookState:
@@ -107,7 +94,7 @@ def redeliver(session: Session, *, job: Job) -> WebhookState:
     if event is None:
         raise ProblemError(409, "The job has not ended; its webhook is sent when it does.")
     _hold_redelivery(
-        session, event_id=event.id, interval=get_settings().webhook_redeliver_interval_seconds
+        session, event=event, interval=get_settings().webhook_redeliver_interval_seconds
     )
     now = utcnow()
     if event.status != WebhookStatus.pending:

@@ -228,11 +228,13 @@ def parse_webhook_url(url: str) -> httpx.URL:
     """The URL, if it is an absolute http(s) URL with a host; else UnsafeWebhookUrl."""
     try:
         parsed = httpx.URL(url)
+        # httpx decodes an IDNA host only when it is read: a bad one fails here, not later.
+        host = parsed.host
     except (httpx.InvalidURL, ValueError, TypeError):
         raise UnsafeWebhookUrl("not a valid URL") from None
     if parsed.scheme not in ("http", "https"):
         raise UnsafeWebhookUrl("only http and https URLs are allowed")
-    if not parsed.host:
+    if not host:
         raise UnsafeWebhookUrl("the URL has no host")
     # httpx accepts any digits as a port; a socket refuses what TCP cannot carry.
     if parsed.port is not None and not 1 <= parsed.port <= 65535:

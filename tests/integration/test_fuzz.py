@@ -306,7 +306,6 @@ def test_times_are_rfc3339(api_no_workers: Api) -> None:
                 _problem(answer, 422)
 
 
-@pytest.mark.xfail(strict=True, reason="app/webhooks/ssrf.py: the IDNA error escapes as a 500")
 def test_a_webhook_host_that_is_not_valid_idna_is_422(api_no_workers: Api) -> None:
     api = api_no_workers
     key = api.create_key("acme")
