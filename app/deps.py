@@ -19,6 +19,9 @@ from app.redis import get_redis
 
 # Requests holding a session at once: fewer than the connection pool holds (see below).
 SESSION_SLOTS = 30
+# /readyz and /metrics, on slots of their own (within the pool, beside SESSION_SLOTS): probes
+# and scrapes neither wait behind submits nor hold them up, however many arrive.
+OPS_SLOTS = 2
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:

@@ -42,8 +42,8 @@ async def readyz(request: Request) -> Response | dict[str, object]:
     """Ready when the database and Redis answer and a worker reported in the last 30 s. A
     ready service still names what puts accepted work at risk (`warnings`): a broker whose
     Redis may evict queued turns."""
-    # Under a session slot, like every use of a connection by a request (app.deps).
-    async with request.app.state.session_slots:
+    # Under an operations slot (app.deps.OPS_SLOTS): a probe does not queue behind submits.
+    async with request.app.state.ops_slots:
         missing = await run_in_threadpool(_missing)
     if missing:
         return problem_response(503, "Not ready: " + ", ".join(missing) + " unavailable.")
@@ -54,6 +54,6 @@ async def readyz(request: Request) -> Response | dict[str, object]:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus text: the API's metrics, job counts, and every live worker's metrics."""
-    async with request.app.state.session_slots:
+    async with request.app.state.ops_slots:
         text = await run_in_threadpool(render)
     return Response(text, media_type=CONTENT_TYPE_LATEST)

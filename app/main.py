@@ -15,8 +15,8 @@ from app.admin.router import router as admin_router
 from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
 from app.conversations.router import router as conversations_router
-from app.db import session_scope
-from app.deps import SESSION_SLOTS
+from app.db import session_scope, set_statement_timeout
+from app.deps import OPS_SLOTS, SESSION_SLOTS
 from app.errors import PROBLEM_JSON, PROBLEM_SCHEMA, install_error_handlers
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
@@ -38,8 +38,11 @@ def _bootstrap() -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging()
+    # This process serves requests: its statements are bounded (a worker's are not).
+    set_statement_timeout(get_settings().api_statement_timeout_seconds)
     await run_in_threadpool(_bootstrap)
     app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
+    app.state.ops_slots = asyncio.Semaphore(OPS_SLOTS)
     waiter = JobWaiter(get_settings().redis_url)
     app.state.job_waiter = waiter
     await waiter.start()

@@ -11,6 +11,7 @@ import redis
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app.config import Settings
 from app.db import get_sessionmaker
 from app.deps import CurrentKey, SessionDep, SettingsDep
 from app.jobs import idempotency, service
@@ -32,36 +33,61 @@ IdempotencyKeyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
-# While waiting, re-read the job this often in case a job-end notice was lost.
+# While waiting, re-read the job this often in case a job-end notice was lost: often while
+# the job-end subscription is down, seldom while it is up (a re-read takes a session slot).
 _RECHECK_SECONDS = 2.0
+_RECHECK_LISTENING_SECONDS = 15.0
 
 
 @router.post("", status_code=202, response_model=JobOut)
-def submit_job(
+async def submit_job(
     body: JobCreate,
+    request: Request,
     response: Response,
     principal: CurrentKey,
-    session: SessionDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
     """Accept a chat turn. A 202 means the message and its job are durably stored."""
-    tenant = principal.tenant_id
-    if idempotency_key is not None:
-        fingerprint = idempotency.request_fingerprint(body)
-        earlier = idempotency.begin(
-            session, tenant_id=tenant, key=idempotency_key, fingerprint=fingerprint
+    if body.webhook_url is not None:
+        # Before any connection is taken: a slow name holds up only this request.
+        await webhook_events.vet_submitted_url(
+            body.webhook_url, settings, tenant_id=principal.tenant_id
         )
-        if earlier is not None:
-            job = service.get_job(session, tenant_id=tenant, job_id=earlier)
-            response.headers["Location"] = f"/v1/jobs/{job.id}"
-            response.headers["Idempotent-Replayed"] = "true"
-            return to_job_out(session, job)
-    try:
-        job = service.submit_turn(session, tenant_id=tenant, request=body, settings=settings)
+    async with request.app.state.session_slots:
+        job, replayed = await run_in_threadpool(
+            _submit, principal.tenant_id, body, settings, idempotency_key
+        )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
+
+
+def _submit(
+    tenant: str, body: JobCreate, settings: Settings, idempotency_key: str | None
+) -> tuple[JobOut, bool]:
+    """The job (stored, or the earlier one of the same idempotency key), and whether it is
+    that earlier one. One session, in one thread call (see app.deps.get_session)."""
+    with get_sessionmaker()() as session:
         if idempotency_key is not None:
-            idempotency.complete(session, tenant_id=tenant, key=idempotency_key, job_id=job.id)
-        session.commit()
+            fingerprint = idempotency.request_fingerprint(body)
+            earlier = idempotency.begin(
+                session, tenant_id=tenant, key=idempotency_key, fingerprint=fingerprint
+            )
+            if earlier is not None:
+                job = service.get_job(session, tenant_id=tenant, job_id=earlier)
+                return to_job_out(session, job), True
+        try:
+            job = service.submit_turn(session, tenant_id=tenant, request=body, settings=settings)
+            if idempotency_key is not None:
+                idempotency.complete(session, tenant_id=tenant, key=idempotency_key, job_id=job.id)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            if idempotency_key is not None:
+                idempotency.release(session, tenant_id=tenant, key=idempotency_key)
+            raise
         JOBS_SUBMITTED.inc()
         with log_context(job_id=job.id):
             log.info(
@@ -70,13 +96,7 @@ def submit_job(
                 job.conversation_id,
                 job.turn,
             )
-    except BaseException:
-        session.rollback()
-        if idempotency_key is not None:
-            idempotency.release(session, tenant_id=tenant, key=idempotency_key)
-        raise
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_job_out(session, job)
+        return to_job_out(session, job), False
 
 
 def _read_job(tenant_id: str | None, job_id: str) -> JobOut:
@@ -107,20 +127,29 @@ async def read_job(
 ) -> JobOut:
     """The job's state. `Prefer: wait=N` holds the answer until the job ends or N seconds pass."""
     wait = _requested_wait(prefer, settings.max_wait_seconds)
-    if not wait:
-        return await _read_job_slotted(request, principal.readable_tenant, job_id)
-    response.headers["Preference-Applied"] = f"wait={wait}"
     waiter: JobWaiter = request.app.state.job_waiter
+    with waiter.hold(principal.key_id, settings.max_held_requests_per_key) as held:
+        if not wait or not held:
+            # Past the key's held requests, the current state at once (no Preference-Applied).
+            return await _read_job_slotted(request, principal.readable_tenant, job_id)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        return await _wait_for_end(request, waiter, principal.readable_tenant, job_id, wait)
+
+
+async def _wait_for_end(
+    request: Request, waiter: JobWaiter, tenant_id: str | None, job_id: str, wait: int
+) -> JobOut:
     deadline = time.monotonic() + wait
     event = waiter.subscribe(job_id)
     try:
         while True:
-            job = await _read_job_slotted(request, principal.readable_tenant, job_id)
+            job = await _read_job_slotted(request, tenant_id, job_id)
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL or remaining <= 0:
                 return job
+            recheck = _RECHECK_LISTENING_SECONDS if waiter.listening else _RECHECK_SECONDS
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, _RECHECK_SECONDS))
+                await asyncio.wait_for(event.wait(), min(remaining, recheck))
             event.clear()
     finally:
         waiter.unsubscribe(job_id, event)

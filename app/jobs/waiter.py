@@ -1,7 +1,9 @@
 """`Prefer: wait=N`: hold a request until its job ends.
 
 One Redis subscription per API process fans job-end notices out to the requests waiting
-on them, so a thousand waiting clients cost one connection, not a thousand.
+on them, so a thousand waiting clients cost one connection, not a thousand. Each API key may
+hold a bounded number of requests at once (MAX_HELD_REQUESTS_PER_KEY); beyond it a request is
+answered at once.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
@@ -23,6 +26,9 @@ class JobWaiter:
         self._redis_url = redis_url
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
+        self._held: Counter[str] = Counter()
+        # While the subscription is down, job-end notices are lost: waiters re-read often.
+        self.listening = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="parley-job-waiter")
@@ -39,6 +45,10 @@ class JobWaiter:
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(JOB_ENDED_CHANNEL)
+                    self.listening = True
+                    # Ends announced while the subscription was down were missed: every
+                    # waiter reads its job once more.
+                    self._wake_all()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._wake(str(message["data"]))
@@ -49,11 +59,33 @@ class JobWaiter:
                 log.warning("job-end subscription lost (%s); retrying", exc)
                 await asyncio.sleep(1)
             finally:
+                self.listening = False
                 await client.aclose()
 
     def _wake(self, job_id: str) -> None:
         for event in self._waiters.get(job_id, ()):
             event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    @contextlib.contextmanager
+    def hold(self, key_id: str, limit: int) -> Iterator[bool]:
+        """Whether a request of `key_id` may be held now (at most `limit` at once per key in
+        this process); the hold lasts for the `with` block. Runs on the event loop only, so
+        the count needs no lock."""
+        if self._held[key_id] >= limit:
+            yield False
+            return
+        self._held[key_id] += 1
+        try:
+            yield True
+        finally:
+            self._held[key_id] -= 1
+            if not self._held[key_id]:
+                del self._held[key_id]
 
     def subscribe(self, job_id: str) -> asyncio.Event:
         """An event set when `job_id` is announced as ended. Subscribe before reading the

@@ -144,19 +144,6 @@ def _refused(exc: ssrf.UnsafeWebhookUrl) -> ProblemError:
     )
 
 
-def check_submitted_url(url: str, settings: Settings) -> None:
-    """At submit: a `webhook_url` the SSRF guard refuses (or whose host does not resolve) is a
-    422 on that field. The lookup holds a thread; vet_submitted_url does not."""
-    try:
-        ssrf.check_url(
-            url,
-            allowed=settings.webhook_allowed_networks,
-            resolve_timeout=settings.webhook_resolve_timeout_seconds,
-        )
-    except ssrf.UnsafeWebhookUrl as exc:
-        raise _refused(exc) from None
-
-
 # One tenant may hold at most this fraction of the process's lookups (1/TENANT_SHARE), so
 # that its slow names leave the rest to the other tenants.
 TENANT_SHARE = 4
@@ -215,7 +202,7 @@ lookup_slots = LookupSlots()
 
 
 async def vet_submitted_url(url: str, settings: Settings, *, tenant_id: str) -> None:
-    """At submit, as check_submitted_url, with the lookup on the event loop: 422 on
+    """At submit, with the lookup on the event loop (holding no thread): 422 on
     webhook_url when the guard refuses it, its host does not resolve or does not resolve
     within WEBHOOK_RESOLVE_TIMEOUT_SECONDS; 429 or 503 when the lookups in flight are at
     the tenant's share or the process's bound (LookupSlots). A literal address and a name of

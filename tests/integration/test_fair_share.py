@@ -1,8 +1,9 @@
 """Fair share between tenants (api.md): a tenant has at most its share of jobs waiting in the
 broker; its other ready jobs are held in PostgreSQL and sent as earlier ones start or end.
 
-No workers run here: starts are made by calling the claim a worker makes, on the real
-database, so that the broker's order and the held jobs can be read at each step."""
+No worker takes these jobs: their messages go to a broker no worker listens to (the session's
+workers, started by other tests, would otherwise run them), and starts are made by calling the
+claim a worker makes, on the real database, so that the held jobs can be read at each step."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import threading
 from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import func, select
 
+from app import queue
 from app.config import get_settings
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.models import Job, JobStatus
+from celeryconfig import celery_config
 from tests.integration.helpers import Api
 from worker.turn_worker.reconciler import reconcile
 
@@ -25,6 +29,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def shares(monkeypatch: pytest.MonkeyPatch) -> Any:
     settings = get_settings()
+    unwatched = settings.model_copy(
+        update={"broker_url": settings.redis_url.rsplit("/", 1)[0] + "/9"}
+    )
+    client = Celery("parley-fair-share-tests")
+    client.conf.update(celery_config(unwatched))
+    monkeypatch.setattr(queue, "get_client", lambda: client)
     monkeypatch.setattr(settings, "fair_share_default", 2)
     monkeypatch.setattr(settings, "fair_share_tenants", {})
     return settings
