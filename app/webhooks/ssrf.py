@@ -242,6 +242,16 @@ def parse_webhook_url(url: str) -> httpx.URL:
     return parsed
 
 
+def loggable_url(url: str) -> str:
+    """The URL as a log line may show it: no credentials, no query, no fragment, which is
+    where receivers put their tokens."""
+    try:
+        parsed = httpx.URL(url)
+        return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
+    except Exception:
+        return "<not a valid URL>"
+
+
 @dataclass(frozen=True)
 class ParsedTarget:
     """A URL that passed every check that needs no lookup."""

@@ -210,3 +210,10 @@ def test_no_allow_list_opens_cloud_metadata() -> None:
         for allowed in (link_local, everything):
             with pytest.raises(ssrf.UnsafeWebhookUrl, match="cloud metadata address"):
                 check(url, allowed)
+
+
+def test_a_logged_webhook_url_keeps_no_token() -> None:
+    url = "https://user:pass@hooks.example.com:8443/in/a?token=s3cret&sig=x#frag"
+    logged = ssrf.loggable_url(url)
+    assert logged == "https://hooks.example.com:8443/in/a"
+    assert ssrf.loggable_url("http://[::1") == "<not a valid URL>"

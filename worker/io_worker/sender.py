@@ -113,7 +113,7 @@ def post(
         # Checked again at each attempt: a name may now resolve elsewhere (DNS rebinding).
         return AttemptResult(None, f"refused, no connection made: {exc}", elapsed_ms())
     except Exception as exc:
-        log.exception("webhook URL check failed: %s", url)
+        log.exception("webhook URL check failed: %s", ssrf.loggable_url(url))
         return AttemptResult(
             None, f"the URL could not be checked, no connection made: {describe(exc)}", elapsed_ms()
         )
@@ -128,7 +128,7 @@ def post(
     except Exception as exc:
         # Anything else the network stack raises (an ExceptionGroup from a task group, an
         # OverflowError): the attempt failed, and says how.
-        log.exception("webhook POST to %s failed unexpectedly", url)
+        log.exception("webhook POST to %s failed unexpectedly", ssrf.loggable_url(url))
         return AttemptResult(None, describe(exc), elapsed_ms())
     error = f"redirect not followed (HTTP {status})" if 300 <= status < 400 else None
     return AttemptResult(status, error, elapsed_ms(), read)
