@@ -5,11 +5,13 @@ Services never commit: the request (FastAPI dependency) or the task boundary doe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import MetaData, create_engine
+from sqlalchemy import MetaData, create_engine, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -28,7 +30,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 0.0) -> Engine:
+    """The engine for `url`; with `statement_timeout_s`, PostgreSQL cancels any statement of
+    its connections that runs longer (SQLSTATE 57014, an OperationalError here)."""
+    # Fail fast instead of hanging a request when the database is gone.
+    connect_args: dict[str, Any] = {"connect_timeout": 5}
+    if statement_timeout_s > 0:
+        # Set when each connection starts (libpq `options`): no round trip per request.
+        milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
+        connect_args["options"] = _options(url, f"-c statement_timeout={milliseconds}")
     return create_engine(
         url,
         pool_size=pool_size,
@@ -38,16 +48,40 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         # dropped fails its statement, SQLAlchemy then discards the whole pool, and the
         # request is answered 503 (app.errors) while the next one reconnects.
         pool_pre_ping=False,
-        # Fail fast instead of hanging a request when the database is gone.
-        connect_args={"connect_timeout": 5},
+        connect_args=connect_args,
         # Errors carry no bound values: message text and webhook secrets stay out of the logs.
         hide_parameters=True,
     )
 
 
+def _options(url: str, option: str) -> str:
+    # `options` in connect_args replaces the URL's own (`?options=-csearch_path=...`): keep them.
+    given = make_url(url).query.get("options", ())
+    return " ".join([*([given] if isinstance(given, str) else given), option])
+
+
+# The statement timeout of this process's engine, in seconds (0: none). Only the API sets one
+# (app.main, at start): a worker's or the command line's statements (a retention sweep, an
+# export to a file, a migration) may rightly run long.
+_statement_timeout_s = 0.0
+
+
+def set_statement_timeout(seconds: float) -> None:
+    """From now on, this process's engine cancels statements running over `seconds` (0: none);
+    an engine made before with another timeout is closed and made again."""
+    global _statement_timeout_s
+    if seconds == _statement_timeout_s:
+        return
+    _statement_timeout_s = seconds
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    return make_engine(get_settings().database_url, statement_timeout_s=_statement_timeout_s)
 
 
 @lru_cache

@@ -138,7 +138,31 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
+# PostgreSQL's query_canceled: a statement stopped by the statement timeout (app.db).
+QUERY_CANCELED = "57014"
+
+
+def statement_timed_out(exc: BaseException) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == QUERY_CANCELED
+
+
 async def _database(request: Request, exc: Exception) -> JSONResponse:
+    if statement_timed_out(exc):
+        # The statement's text says which query was slow; its bound values (search text,
+        # message content) are never logged.
+        statement = str(getattr(exc, "statement", "") or "")[:2000]
+        log.error(
+            "a statement ran past the statement timeout on %s %s: %s",
+            request.method,
+            request.url.path,
+            " ".join(statement.split()),
+        )
+        return problem_response(
+            503,
+            "The request ran past the database's time limit and was stopped; try again "
+            "shortly, or narrow it (a more specific search, a shorter period).",
+            headers={"Retry-After": "5"},
+        )
     # A database that cannot be reached is an outage, not a client error, and not a 500.
     log.error(
         "a backing service is unavailable on %s %s: %s", request.method, request.url.path, exc
