@@ -1,17 +1,21 @@
 """Transcript search: what `q` means, as SQL over `messages.content`, and the snippet.
 
-Two ways to match, each backed by an index of migration 0003:
+Two ways to match, each backed by indexes (migrations 0003 and 0007):
 - words: English full-text search (`websearch_to_tsquery('english', q)`): case and word forms
   ("Running" finds "run"), quoted phrases, `or` and `-word`; the GIN index on
   `to_tsvector('english', content)`.
 - substrings: for scripts written without spaces between words (Chinese, Japanese, Thai...),
   where a word parser cannot find words, every term of `q` (a quoted phrase is one term) must
-  appear in the message, case-insensitively (`ILIKE`); the pg_trgm GIN index on `content`.
+  appear in the message, case-insensitively (`ILIKE`). A term with 3 letters or digits in a
+  row is found by the pg_trgm GIN index on `content`; a shorter one in those scripts ("对话")
+  by the GIN index on `unspaced_grams(content)`, its characters and pairs of characters.
   Also used when `q` holds no word the English parser keeps (only stop words, punctuation or
-  emoji), so that every query can still match literally.
+  emoji), so that such a query can still match literally.
 
 A message matches when it holds the whole query; a conversation matches when one of its
-messages does.
+messages does. A query no index can serve would read every message: it is refused (422),
+saying why: one that only excludes words ("-cats"), and substrings with no term an index
+finds ("or", "%", "😀").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sqlalchemy import ColumnClause, ColumnElement, and_, func, literal_column, 
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
+from app.errors import ProblemError
 from app.models import Message
 
 _ENGLISH: ColumnClause[Any] = literal_column("'english'::regconfig")
@@ -36,6 +41,8 @@ _UNSPACED = re.compile(
     "\U00020000-\U0003134f]"
 )
 _TERM = re.compile(r'"([^"]*)"|(\S+)')
+# What gives pg_trgm a trigram to look up in a LIKE pattern: 3 letters or digits in a row.
+_TRIGRAM = re.compile(r"[^\W_]{3}")
 SNIPPET_CHARS = 160
 HIGHLIGHT = "**"
 
@@ -53,16 +60,33 @@ def _terms(text: str) -> tuple[str, ...]:
     return terms or (text.strip(),)
 
 
+def _refused(detail: str, msg: str) -> ProblemError:
+    return ProblemError(422, detail, errors=[{"loc": ["query", "q"], "msg": msg}])
+
+
 def parse_query(session: Session, text: str) -> SearchQuery:
     """How `text` will be matched: by words when the English parser finds any, else by
-    substrings."""
+    substrings; a problem (422) when no index could find its matches."""
     if not _UNSPACED.search(text):
-        nodes = session.execute(
-            select(func.numnode(func.websearch_to_tsquery(_ENGLISH, text)))
-        ).scalar_one()
+        query = func.websearch_to_tsquery(_ENGLISH, text)
+        nodes, indexed = session.execute(select(func.numnode(query), func.querytree(query))).one()
+        if nodes and indexed in ("", "T"):
+            raise _refused(
+                "q only excludes words (-word, or an alternative that does): name at least "
+                "one word the messages must hold.",
+                "only excluded words",
+            )
         if nodes:
             return SearchQuery(text, None)
-    return SearchQuery(text, _terms(text))
+    terms = _terms(text)
+    if not any(_TRIGRAM.search(t) or _UNSPACED.search(t) for t in terms):
+        raise _refused(
+            'q has nothing to search for: no word (stop words such as "a" or "of", '
+            "punctuation and emoji are not words) and no 3 letters or digits in a row to match "
+            "as text. Send a word, or a longer piece of the text.",
+            "nothing to search for",
+        )
+    return SearchQuery(text, terms)
 
 
 def _like_pattern(term: str) -> str:
@@ -79,7 +103,17 @@ def message_matches(query: SearchQuery) -> ColumnElement[bool]:
     if query.substrings is None:
         document = func.to_tsvector(_ENGLISH, Message.content)
         return document.bool_op("@@")(_tsquery(query))
-    return and_(*(Message.content.ilike(_like_pattern(t), escape="\\") for t in query.substrings))
+    return and_(*(_substring_matches(t) for t in query.substrings))
+
+
+def _substring_matches(term: str) -> ColumnElement[bool]:
+    condition = Message.content.ilike(_like_pattern(term), escape="\\")
+    if _TRIGRAM.search(term) or not _UNSPACED.search(term):
+        return condition
+    # Too short for a trigram: its characters and pairs (lower-cased by the same function as
+    # the messages', so the same as ILIKE's) narrow the messages, ILIKE decides.
+    grams = func.unspaced_grams(Message.content).bool_op("@>")(func.unspaced_grams(term))
+    return and_(grams, condition)
 
 
 def snippets(

@@ -149,6 +149,10 @@ def test_text_without_spaces_matches_as_a_substring(api_no_workers: Api) -> None
     assert found_ids(api, q="多轮对话 原理") == [chinese]  # every term, anywhere
     assert found_ids(api, q="タワー") == [japanese]
     assert found_ids(api, q="对话") == [chinese]  # two characters: no trigram, still found
+    assert found_ids(api, q="理") == [chinese]  # one
+    assert found_ids(api, q="港区") == [japanese]  # in a reply
+    assert found_ids(api, q="对 原理") == [chinese]  # short terms, each anywhere
+    assert found_ids(api, q="理对") == []
     hit = search(api, q="多轮对话")["data"][0]
     assert "**多轮对话**" in hit["snippet"]
 
@@ -300,11 +304,15 @@ def test_no_query_string_is_a_500(api_no_workers: Api) -> None:
         "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(150)
     ]
     for q in queries:
+        # 422: nothing an index could look up (test_queries_no_index_serves_are_refused).
         answer = api.request("GET", "/v1/admin/conversations", api.admin_key, params={"q": q})
-        assert answer.status_code == 200, (q, answer.text)
+        assert answer.status_code in (200, 422), (q, answer.text)
         export = api.request("GET", "/v1/admin/export", api.admin_key, params={"q": q})
-        assert export.status_code == 200, (q, export.text)
-    for literal in ("100%", "sure_thing", "a\\b", "😀", "'quoted'"):
+        assert export.status_code == answer.status_code, (q, export.text)
+        if answer.status_code == 422:
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["errors"][0]["loc"] == ["query", "q"]
+    for literal in ("100%", "sure_thing", "a\\b", "'quoted'", "多"):
         assert len(found_ids(api, q=literal)) == 1, literal
     for q, status in (("a\x00b", 422), ("x" * 1001, 422)):
         answer = api.request("GET", "/v1/admin/conversations", api.admin_key, params={"q": q})
@@ -312,6 +320,32 @@ def test_no_query_string_is_a_500(api_no_workers: Api) -> None:
         assert answer.headers["content-type"] == "application/problem+json"
     raw = api.client.get("/v1/admin/conversations?q=%FF%FE%00", headers=api.auth(api.admin_key))
     assert raw.status_code in (200, 422), raw.text
+
+
+def test_queries_no_index_serves_are_refused(api_no_workers: Api) -> None:
+    """What no index could find would read every message: a 422 that says why, from the list
+    and the export alike. Short words of unspaced scripts, and stop words of 3 letters or
+    more, are still searched."""
+    api = api_no_workers
+    found = seed_conversation("acme", [("the cats of 東京 are to be fed", "对", "succeeded")])
+    refusals = {
+        "nothing to search for": [
+            "a", "of", "or", "to be", '"to be"', "%", "_", "- -", '"', "😀", "!?", "…"
+        ],
+        "only excluded words": ["-cats", "cats or -dogs", "-the -cats"],
+    }  # fmt: skip
+    for msg, queries in refusals.items():
+        for q in queries:
+            for path in ("/v1/admin/conversations", "/v1/admin/export"):
+                answer = api.request("GET", path, api.admin_key, params={"q": q})
+                assert answer.status_code == 422, (path, q, answer.text)
+                assert answer.headers["content-type"] == "application/problem+json"
+                problem = answer.json()
+                assert problem["errors"] == [{"loc": ["query", "q"], "msg": msg}], q
+                assert problem["detail"].startswith("q "), problem
+    for q in ("cats -dogs", "the", "東京", "東", "对", "to be fed", "cat 東"):
+        assert found_ids(api, q=q) == [found], q
+    assert found_ids(api, q="-cats dogs") == []
 
 
 def _bulk_messages(conversations: int) -> None:
@@ -351,6 +385,10 @@ def test_search_plans_use_the_indexes(api_no_workers: Api, database_url: str) ->
             ("bulk", "striped zebras", "ix_messages_content_fts", english),
             (None, "多轮对话", "ix_messages_content_trgm", chinese),
             ("bulk", "实现多轮", "ix_messages_content_trgm", chinese),
+            # Too short for a trigram.
+            (None, "原理", "ix_messages_content_unspaced_grams", chinese),
+            ("bulk", "请", "ix_messages_content_unspaced_grams", chinese),
+            (None, "实 原理", "ix_messages_content_unspaced_grams", chinese),
         ):
             _, plan = explain_service_query(connection, tenant, q, analyze=False)
             assert index in plan, plan
