@@ -5,18 +5,19 @@ Every route needs an admin key: a client key gets 403, no key 401.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from app.admin import export, service
 from app.admin.filters import MAX_QUERY_CHARS, TranscriptFilter, make_filter
 from app.admin.schemas import AdminConversationOut, ConversationSummary, JobStatusName, StatsOut
 from app.admin.stats import broker_queue_length, collect_stats
-from app.db import get_sessionmaker
 from app.deps import AdminKey, SessionDep, SettingsDep
 from app.pagination import CursorQuery, LimitQuery, Page
 from app.redis import get_redis, workers_alive
@@ -84,14 +85,30 @@ def read_conversation(
     return service.get_conversation(session, conversation_id=conversation_id)
 
 
-def _stream(filters: TranscriptFilter) -> Iterator[bytes]:
-    # Its own session: the request's is closed when the route returns, before the body is sent.
-    session = get_sessionmaker()()
-    try:
-        yield from export.ndjson_chunks(export.iter_conversations(session, filters))
-    finally:
-        session.rollback()
-        session.close()
+async def _read_page(
+    slots: asyncio.Semaphore, filters: TranscriptFilter, after: export.Position | None
+) -> export.Page:
+    # Under a session slot, like every use of a connection by a request (app.deps), and in
+    # one thread call that gives the connection back: none is held while the client reads.
+    async with slots:
+        return await run_in_threadpool(export.read_page_alone, filters, after)
+
+
+def _encode(records: export.Records, page: export.Page) -> list[bytes]:
+    done = records.add(page.rows) + (records.finish() if page.next is None else [])
+    return list(export.ndjson_chunks(done))
+
+
+async def _stream(
+    slots: asyncio.Semaphore, filters: TranscriptFilter, page: export.Page
+) -> AsyncIterator[bytes]:
+    records = export.Records()
+    while True:
+        for chunk in await run_in_threadpool(_encode, records, page):
+            yield chunk
+        if page.next is None:
+            return
+        page = await _read_page(slots, filters, page.next)
 
 
 @router.get(
@@ -99,7 +116,8 @@ def _stream(filters: TranscriptFilter) -> Iterator[bytes]:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-ndjson": {}}}},
 )
-def export_transcripts(
+async def export_transcripts(
+    request: Request,
     _: AdminKey,
     tenant: TenantQuery = None,
     q: SearchText = None,
@@ -110,10 +128,13 @@ def export_transcripts(
     """NDJSON, one conversation a line, oldest first:
     `{"conversation_id", "tenant", "created_at", "messages": [{"role", "content", "created_at"}]}`.
     The system prompt, if any, is the first message (role "system")."""
-    # Checked now, while an error can still be a problem document, not a cut-off stream.
+    slots = request.app.state.session_slots
+    # The filters checked and the first page read now, while an error (a refused `q`, the
+    # database away) can still be a problem document, not a cut-off stream.
     filters = transcript_filter(tenant, q, since, until, status)
+    first = await _read_page(slots, filters, None)
     return StreamingResponse(
-        _stream(filters),
+        _stream(slots, filters, first),
         media_type="application/x-ndjson",
         headers={"Content-Disposition": 'attachment; filename="transcripts.jsonl"'},
     )

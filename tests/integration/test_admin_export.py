@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
-from sqlalchemy import update
+from sqlalchemy import create_engine, text, update
 
+from app.admin import export
+from app.admin.filters import make_filter
+from app.auth.service import ensure_tenant
 from app.db import session_scope
+from app.dev.stack import Stack
 from app.models import Job
 from app.redis import WORKERS_KEY, report_worker_alive, workers_alive
 from tests.integration.helpers import Api
@@ -99,6 +106,117 @@ def test_parley_export_writes_jsonl(api_no_workers: Api, tmp_path: Path) -> None
     )  # fmt: skip
     assert refused.returncode == 2
     assert "since" in refused.stderr
+    unsearchable = subprocess.run(
+        [sys.executable, "-m", "app.cli", "export", "--q", "or", "-o", str(tmp_path / "or.jsonl")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unsearchable.returncode == 2
+    assert "nothing to search for" in unsearchable.stderr
+
+
+def test_export_pages_keep_conversations_whole_and_in_order(api_no_workers: Api) -> None:
+    """Pages of a few rows: conversations span pages and come out whole, oldest first, the
+    same records as in one page; a conversation without messages is a record too."""
+    first, second, chinese = _seed_two_tenants()
+    now = datetime.now(UTC)
+    long = seed_conversation(
+        "acme",
+        [(f"question {n}", f"answer {n}", "succeeded") for n in range(7)],
+        created_at=now - timedelta(days=2),
+    )
+    empty = seed_conversation("acme", [], created_at=now - timedelta(days=1, hours=1))
+    whole = _export(api_no_workers)
+    assert [r["conversation_id"] for r in whole] == [first, long, empty, second, chinese]
+    assert [m["content"] for m in whole[1]["messages"][:3]] == [
+        "question 0",
+        "answer 0",
+        "question 1",
+    ]
+    assert whole[2]["messages"] == []
+    filters = make_filter()
+    for rows in (1, 2, 3, 5, 14, 15):
+        records, after, pages = export.Records(), None, 0
+        got: list[dict[str, Any]] = []
+        while True:
+            page = export.read_page_alone(filters, after, rows=rows)
+            assert len(page.rows) <= rows
+            got += records.add(page.rows)
+            pages += 1
+            if page.next is None:
+                got += records.finish()
+                break
+            after = page.next
+        assert got == whole, rows
+        assert pages >= 22 // rows  # 22 rows: a conversation without messages is one
+
+
+def _bulk_export(conversations: int, message_chars: int) -> None:
+    """`conversations` conversations of 10 messages of about `message_chars` characters."""
+    with session_scope() as session:
+        ensure_tenant(session, tenant_id="bulk")
+        for statement in (
+            "INSERT INTO conversations (id, tenant_id, metadata, turn_count, message_count,"
+            " created_at) SELECT 'conv_bulk' || lpad(g::text, 6, '0'), 'bulk', '{}', 5, 10,"
+            " now() - interval '1 day' + g * interval '1 ms' FROM generate_series(1, :n) g",
+            "INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation,"
+            " metadata, attempts, cancel_requested)"
+            " SELECT 'job_bulk' || g || '_' || t, 'bulk', 'conv_bulk' || lpad(g::text, 6, '0'),"
+            " t, 'succeeded', '{\"max_new_tokens\": 16}', '{}', 1, false"
+            " FROM generate_series(1, :n) g, generate_series(1, 5) t",
+            "INSERT INTO messages (id, conversation_id, job_id, seq, role, content)"
+            " SELECT 'msg_bulk' || g || '_' || s, 'conv_bulk' || lpad(g::text, 6, '0'),"
+            " 'job_bulk' || g || '_' || ((s + 1) / 2), s,"
+            " CASE WHEN s % 2 = 1 THEN 'user' ELSE 'assistant' END,"
+            " repeat('lorem ipsum dolor sit amet ', :chars / 27)"
+            " FROM generate_series(1, :n) g, generate_series(1, 10) s",
+        ):
+            session.execute(text(statement), {"n": conversations, "chars": message_chars})
+
+
+def test_a_paused_export_holds_no_connection(api_no_workers: Api, database_url: str) -> None:
+    """A reader that stops mid-download holds no connection and no transaction of the API: each
+    page is read in a short transaction of its own, under a session slot, and the API waits
+    for the reader holding nothing. The download then goes on to the end, every conversation
+    once, in order."""
+    _bulk_export(1500, 1000)  # 15 MB of NDJSON, over 2 pages of rows
+    app_name = "parley-export-test"
+    observer = create_engine(database_url)
+    states_sql = text(
+        "SELECT state FROM pg_stat_activity WHERE application_name = :name AND datname ="
+        " current_database()"
+    )
+    # A small receive buffer: the sockets hold a few MB at most, not the whole export.
+    small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)]
+    with Stack({"PGAPPNAME": app_name}) as stack:
+        stack.api()
+        assert stack.base_url is not None and stack.wait_ready("/livez", timeout=60)
+        with (
+            httpx.Client(
+                base_url=stack.base_url,
+                transport=httpx.HTTPTransport(socket_options=small_buffer),
+                timeout=60,
+            ) as client,
+            client.stream(
+                "GET", "/v1/admin/export", headers=api_no_workers.auth(api_no_workers.admin_key)
+            ) as answer,
+            observer.connect() as connection,
+        ):
+            assert answer.status_code == 200
+            chunks = answer.iter_bytes()
+            body = [next(chunks)]
+            time.sleep(0.5)  # the API writes until the sockets are full, then waits
+            seen: list[str] = []
+            for _ in range(10):
+                seen += connection.execute(states_sql, {"name": app_name}).scalars().all()
+                connection.rollback()
+                time.sleep(0.1)
+            body += list(chunks)
+    observer.dispose()
+    assert seen, "the API's connections are not in pg_stat_activity"
+    assert set(seen) == {"idle"}, seen
+    lines = [json.loads(line) for line in b"".join(body).splitlines()]
+    assert [r["conversation_id"] for r in lines] == [f"conv_bulk{n:06}" for n in range(1, 1501)]
+    assert all(len(r["messages"]) == 10 for r in lines)
 
 
 def test_stats_per_status_tenant_and_percentiles(
