@@ -39,6 +39,12 @@ class Message(CreatedAt, Base):
             postgresql_using="gin",
             postgresql_ops={"content": "gin_trgm_ops"},
         ),
+        # One- and two-character terms of those scripts (migration 0007).
+        Index(
+            "ix_messages_content_unspaced_grams",
+            func.unspaced_grams(literal_column("content")),
+            postgresql_using="gin",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
