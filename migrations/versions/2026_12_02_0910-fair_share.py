@@ -25,6 +25,14 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("ready_at", sa.DateTime(timezone=True), nullable=True))
     op.execute("UPDATE jobs SET ready_at = enqueued_at WHERE enqueued_at IS NOT NULL")
+    # A queued job that is its conversation's next but was never sent (its API process died
+    # between the commit and the publish) is ready: held, so that the reconciler sends it.
+    op.execute(
+        "UPDATE jobs SET ready_at = created_at"
+        " WHERE status = 'queued' AND enqueued_at IS NULL AND NOT EXISTS ("
+        "SELECT 1 FROM jobs AS earlier WHERE earlier.conversation_id = jobs.conversation_id"
+        " AND earlier.turn < jobs.turn AND earlier.status IN ('queued', 'running'))"
+    )
     op.create_index(
         "ix_jobs_sent",
         "jobs",

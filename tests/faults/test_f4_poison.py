@@ -32,7 +32,8 @@ def test_f4_poison_job_fails_alone(make_world: Callable[..., FaultWorld]) -> Non
     worker = world.worker("f4")
     world.wait_worker("f4", worker)
 
-    # Queued and never sent (enqueued_at NULL): the reconciler sends it within a second.
+    # Ready and never sent (its API process died between the commit and the publish, or it
+    # is held past its tenant's share): the reconciler sends it within a second.
     with world.db() as conn, conn.transaction():
         conn.execute(
             "INSERT INTO conversations (id, tenant_id, metadata, turn_count, message_count)"
@@ -41,8 +42,8 @@ def test_f4_poison_job_fails_alone(make_world: Callable[..., FaultWorld]) -> Non
         )
         conn.execute(
             "INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation,"
-            " metadata, attempts, cancel_requested)"
-            " VALUES (%s, 'f4-poison', %s, 1, 'queued', %s, '{}', 0, false)",
+            " metadata, attempts, cancel_requested, ready_at)"
+            " VALUES (%s, 'f4-poison', %s, 1, 'queued', %s, '{}', 0, false, now())",
             [POISON, CONVERSATION, json.dumps(POISON_GENERATION)],
         )
         conn.execute(
