@@ -20,7 +20,9 @@ NEW_TOKENS = 8
 def test_f2_redis_restarted_empty_with_jobs_queued(
     make_world: Callable[..., FaultWorld],
 ) -> None:
-    world = make_world()
+    # Every conversation's next turn in the broker when it restarts: the tenant's share is
+    # all of them (with the default share most would be held in PostgreSQL, out of harm).
+    world = make_world(FAIR_SHARE_DEFAULT=str(CONVERSATIONS))
     world.api()
     key = world.create_key("f2")
     # First turns run and end, so that each conversation has a cached context in Redis.
