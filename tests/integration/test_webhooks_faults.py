@@ -199,7 +199,11 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDns:
             raise ssrf.UnsafeWebhookUrl(f"the host {host!r} does not resolve")
         return [ipaddress.ip_address(a) for a in dns.answers[host]]
 
+    async def fake_at_submit(host: str, port: int, seconds: float) -> list[ssrf.IPAddress]:
+        return fake(host, port, seconds)
+
     monkeypatch.setattr(ssrf, "resolve_host", fake)
+    monkeypatch.setattr(ssrf, "resolve_dns", fake_at_submit)
     return dns
 
 
