@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -21,6 +20,7 @@ from app.admin.stats import broker_queue_length, collect_stats
 from app.deps import AdminKey, SessionDep, SettingsDep
 from app.pagination import CursorQuery, LimitQuery, Page
 from app.redis import get_redis, workers_alive
+from app.schemas import Rfc3339
 from celeryconfig import TURNS_QUEUE
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -37,11 +37,9 @@ SearchText = Annotated[
     ),
 ]
 SinceQuery = Annotated[
-    datetime | None, Query(description="Conversations created at or after this time.")
+    Rfc3339 | None, Query(description="Conversations created at or after this time.")
 ]
-UntilQuery = Annotated[
-    datetime | None, Query(description="Conversations created before this time.")
-]
+UntilQuery = Annotated[Rfc3339 | None, Query(description="Conversations created before this time.")]
 StatusQuery = Annotated[
     JobStatusName | None, Query(description="The status of the conversation's last job.")
 ]

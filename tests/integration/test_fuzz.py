@@ -13,7 +13,6 @@ The hand-made inputs are those test_api_contract.py does not already send.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -132,12 +131,6 @@ def tenant(api_no_workers: Api) -> Tenant:
     return Tenant(key=key, ids=ids)
 
 
-# Known defect: app/admin/router.py reads since/until as pydantic datetimes, which take a
-# number as unix seconds (`until=2024` is 1970-01-01T00:33:44Z). Once they are
-# app.schemas.Rfc3339, test_times_are_rfc3339 passes: remove this and its xfail then.
-LENIENT_TIMES = {"/v1/admin/conversations", "/v1/admin/export"}
-
-
 @schema.parametrize()
 # The fixtures are the API handle and its tenant: examples share them, as the requests of one
 # client sent one after another would.
@@ -149,11 +142,6 @@ def test_the_openapi_document_fuzzed(case: Case[Any], api_no_workers: Api, tenan
     response = send(api, case, key)
     # /readyz is 503 by contract here: no worker runs in this test (still a problem document).
     excluded: list[CheckFunction] = [not_a_server_error] if case.path == "/readyz" else []
-    if case.path in LENIENT_TIMES and any(
-        not re.match(r"\d{4}-\d{2}-\d{2}", str((case.query or {}).get(name, "2000-01-01")))
-        for name in ("since", "until")
-    ):
-        excluded.append(negative_data_rejection)
     case.validate_response(response, checks=CHECKS, excluded_checks=excluded)
 
 
@@ -296,7 +284,6 @@ def test_unknown_fields_anywhere_are_422(api_no_workers: Api) -> None:
     assert _counts() == before
 
 
-@pytest.mark.xfail(strict=True, reason="app/admin/router.py: since/until are not Rfc3339 yet")
 def test_times_are_rfc3339(api_no_workers: Api) -> None:
     api = api_no_workers
     for path in ("/v1/admin/conversations", "/v1/admin/export"):
