@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.schemas import StorableText
 
@@ -25,7 +25,11 @@ class KeyOut(BaseModel):
     tenant: str
     scope: Literal["client", "admin"]
     name: str
-    prefix: str
+    prefix: str = Field(
+        description="The key's public identifier, the start of the key (pk_1a2b3c), which is "
+        "no part of its secret; for a key its operator chose (PARLEY_ADMIN_KEY), a "
+        "fingerprint of its SHA-256 digest (sha256:1a2b3c)."
+    )
     created_at: datetime
     revoked_at: datetime | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -40,17 +41,23 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-# Characters of a key kept and listed in clear, so that an operator can tell keys apart: "pk_"
-# and three of its own. A key has at least 20 characters, so at least 14 stay secret.
-SHOWN_PREFIX_CHARS = 6
+# A key Parley makes is "pk_", its public identifier (6 hex digits), "_" and 256 random bits:
+# the identifier, kept and listed in clear so that operators can tell keys apart, is not part
+# of the secret. A key chosen by its operator (PARLEY_ADMIN_KEY) has no identifier: it is
+# shown as a fingerprint of its digest, which tells none of its characters.
+_PUBLIC_ID_HEX = 6
+_MADE_KEY = re.compile(rf"({re.escape(KEY_PREFIX)}[0-9a-f]{{{_PUBLIC_ID_HEX}}})_[\w-]{{43}}")
 
 
 def shown_prefix(secret: str) -> str:
-    return secret[:SHOWN_PREFIX_CHARS]
+    made = _MADE_KEY.fullmatch(secret)
+    if made is not None:
+        return made.group(1)
+    return "sha256:" + hash_key(secret)[:_PUBLIC_ID_HEX]
 
 
 def generate_secret() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}{secrets.token_hex(_PUBLIC_ID_HEX // 2)}_{secrets.token_urlsafe(32)}"
 
 
 def ensure_tenant(session: Session, *, tenant_id: str) -> None:

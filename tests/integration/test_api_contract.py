@@ -47,11 +47,13 @@ def test_keys_scopes_and_revocation(api_no_workers: Api) -> None:
     listed = {k["tenant"]: k for k in keys}
     assert listed["acme"]["scope"] == "client"
     assert "key" not in listed["acme"]
-    # Six characters in clear, no more: the rest of the key is kept only as its hash.
-    assert listed["acme"]["prefix"] == client_key[:6]
+    # In clear: the key's public identifier, which is not part of its 256-bit secret; the
+    # operator's own key, a fingerprint of its digest. No character of a secret.
+    assert listed["acme"]["prefix"] == client_key[:9] and len(client_key[10:]) == 43
+    assert listed["operator"]["prefix"].startswith("sha256:")
     with session_scope() as session:
         prefixes = session.execute(select(ApiKey.key_prefix)).scalars().all()
-    assert prefixes and all(len(prefix) <= 6 for prefix in prefixes)
+    assert prefixes and not any(prefix in api.admin_key for prefix in prefixes)
     assert (
         api.request("DELETE", f"/v1/admin/keys/{listed['acme']['id']}", api.admin_key).status_code
         == 204

@@ -7,6 +7,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from app.auth.service import generate_secret, hash_key, shown_prefix
 from app.config import Settings, next_redis_database, normalize_database_url
 from app.errors import ProblemError
 from app.ids import new_id, plausible_id
@@ -103,3 +104,17 @@ def test_fair_shares_per_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("FAIR_SHARE_TENANTS", bad)
         with pytest.raises(ValidationError):
             Settings(_env_file=None)
+
+
+def test_what_a_key_shows_in_clear_is_no_part_of_its_secret() -> None:
+    made = {generate_secret() for _ in range(100)}
+    assert len(made) == 100
+    for key in made:
+        identifier, underscore, secret = key[:9], key[9], key[10:]
+        assert shown_prefix(key) == identifier and underscore == "_"
+        assert len(secret) == 43  # 256 random bits, none of them shown
+    operators = "pk_admin_correct-horse-battery"
+    shown = shown_prefix(operators)
+    assert shown == "sha256:" + hash_key(operators)[:6]
+    # A chosen key shaped like a made one but not one (too short a secret) is fingerprinted.
+    assert shown_prefix("pk_1a2b3c_short-secret").startswith("sha256:")
