@@ -45,7 +45,18 @@ def migrate() -> None:
 
 
 @cli.command()
-def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+def api(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="API_PROCESSES",
+            help="Processes serving the port (the API keeps no state of its own: any number).",
+        ),
+    ] = 1,
+) -> None:
     """Run the HTTP API."""
     import uvicorn
 
@@ -55,6 +66,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
         factory=True,
         host=host,
         port=port,
+        workers=processes,
         log_level=os.environ.get("LOG_LEVEL", "info").lower(),
         access_log=False,
         proxy_headers=True,

@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import MetaData, create_engine, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -30,27 +33,54 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 0.0) -> Engine:
-    """The engine for `url`; with `statement_timeout_s`, PostgreSQL cancels any statement of
-    its connections that runs longer (SQLSTATE 57014, an OperationalError here)."""
+def _engine_options(url: str, *, statement_timeout_s: float) -> dict[str, Any]:
+    """What every engine of Parley's is made with; with `statement_timeout_s`, PostgreSQL
+    cancels any statement of its connections that runs longer (SQLSTATE 57014, an
+    OperationalError here)."""
     # Fail fast instead of hanging a request when the database is gone.
     connect_args: dict[str, Any] = {"connect_timeout": 5}
     if statement_timeout_s > 0:
         # Set when each connection starts (libpq `options`): no round trip per request.
         milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
         connect_args["options"] = _options(url, f"-c statement_timeout={milliseconds}")
+    return {
+        # No ping before each checkout (a round trip per request): a connection the server
+        # dropped fails its statement, SQLAlchemy then discards the whole pool, and the
+        # request is answered 503 (app.errors) while the next one reconnects.
+        "pool_pre_ping": False,
+        "connect_args": connect_args,
+        # Errors carry no bound values: message text and webhook secrets stay out of the logs.
+        "hide_parameters": True,
+    }
+
+
+def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 0.0) -> Engine:
     return create_engine(
         url,
         pool_size=pool_size,
         # Up to the API's threadpool (40 threads), each of which may hold one connection.
         max_overflow=30,
-        # No ping before each checkout (a round trip per request): a connection the server
-        # dropped fails its statement, SQLAlchemy then discards the whole pool, and the
-        # request is answered 503 (app.errors) while the next one reconnects.
-        pool_pre_ping=False,
-        connect_args=connect_args,
-        # Errors carry no bound values: message text and webhook secrets stay out of the logs.
-        hide_parameters=True,
+        **_engine_options(url, statement_timeout_s=statement_timeout_s),
+    )
+
+
+def make_async_pool(url: str, *, size: int) -> AsyncConnectionPool[AsyncConnection[TupleRow]]:
+    """The API's pool for the hot routes that run on the event loop (the key lookup, submit):
+    plain psycopg, no thread and no ORM per request (app.jobs.repository holds their SQL).
+    Its connections belong to the loop that opened them, so the API's lifespan opens it and
+    closes it. Bounded by this process's statement timeout, as the engine is."""
+    engine = _engine_options(url, statement_timeout_s=_statement_timeout_s)
+    return AsyncConnectionPool(
+        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+        # Every connection stays open (none made and closed per burst); past them a request
+        # waits for one, at most 5 s (as long as a connection attempt), then is answered 503.
+        min_size=size,
+        max_size=size,
+        timeout=5,
+        # A statement alone (the key lookup) needs no BEGIN and ROLLBACK around it; a submit
+        # opens its transaction (`conn.transaction()`).
+        kwargs={**engine["connect_args"], "autocommit": True},
+        open=False,
     )
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, authenticate
@@ -22,6 +26,9 @@ SESSION_SLOTS = 30
 # /readyz and /metrics, on slots of their own (within the pool, beside SESSION_SLOTS): probes
 # and scrapes neither wait behind submits nor hold them up, however many arrive.
 OPS_SLOTS = 2
+# Connections of the async pool (app.state.async_pool), for the routes on the event loop:
+# the key lookup and submit. With the sync pool's 40 at most, 60 a process.
+ASYNC_POOL_SIZE = 20
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -46,6 +53,18 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             raise
         finally:
             session.close()
+
+
+@asynccontextmanager
+async def pooled_connection(request: Request) -> AsyncIterator[AsyncConnection[TupleRow]]:
+    """A connection of the API's async pool (app.db.make_async_pool), for the routes on the
+    event loop. Requests wait their turn here for as long as it takes, holding nothing (as
+    for a session slot), so the pool's own 5 s timeout is only ever reached when it cannot
+    connect: the database is away, a 503."""
+    async with request.app.state.async_slots:
+        pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = request.app.state.async_pool
+        async with pool.connection() as conn:
+            yield conn
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -90,21 +109,16 @@ def _enforce_rate_limit(principal: Principal, settings: Settings) -> None:
         )
 
 
-def _authenticate(secret: str, settings: Settings) -> Principal:
-    with get_sessionmaker()() as session:
-        principal = authenticate(session, secret=secret)
+async def current_principal(request: Request, settings: SettingsDep) -> Principal:
+    # On the event loop, on the API's async engine: no thread, no session slot (its pool
+    # bounds the connections and queues the rest, holding nothing).
+    secret = _bearer(request)
+    async with pooled_connection(request) as conn:
+        principal = await authenticate(conn, secret=secret)
     if principal is None:
         raise ProblemError(401, "The API key is unknown or revoked.", headers=_UNAUTHORIZED_HEADERS)
-    _enforce_rate_limit(principal, settings)
-    return principal
-
-
-async def current_principal(request: Request, settings: SettingsDep) -> Principal:
-    # Under a session slot, like every use of a connection from a request, and with a
-    # session of its own closed within one thread call (see get_session).
-    secret = _bearer(request)
-    async with request.app.state.session_slots:
-        principal = await run_in_threadpool(_authenticate, secret, settings)
+    if settings.rate_limit_per_minute:
+        await run_in_threadpool(_enforce_rate_limit, principal, settings)
     request.state.principal = principal
     return principal
 

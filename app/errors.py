@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -143,7 +144,9 @@ QUERY_CANCELED = "57014"
 
 
 def statement_timed_out(exc: BaseException) -> bool:
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == QUERY_CANCELED
+    # SQLAlchemy's errors wrap the driver's (`orig`); the async pool's are psycopg's own.
+    driver_error = getattr(exc, "orig", exc)
+    return getattr(driver_error, "sqlstate", None) == QUERY_CANCELED
 
 
 async def _database(request: Request, exc: Exception) -> JSONResponse:
@@ -191,6 +194,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InterfaceError, _database)
     # No connection free in the pool within its timeout: the database is overloaded or away.
     app.add_exception_handler(PoolTimeoutError, _database)
+    # The same, from the async pool's plain psycopg (app.db.make_async_pool); PoolTimeout is
+    # an OperationalError.
+    app.add_exception_handler(psycopg.DataError, _data)
+    app.add_exception_handler(psycopg.OperationalError, _database)
+    app.add_exception_handler(psycopg.InterfaceError, _database)
     app.add_exception_handler(RedisConnectionError, _database)
     app.add_exception_handler(RedisTimeoutError, _database)
     app.add_exception_handler(Exception, _unexpected)

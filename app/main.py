@@ -15,8 +15,8 @@ from app.admin.router import router as admin_router
 from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
 from app.conversations.router import router as conversations_router
-from app.db import session_scope, set_statement_timeout
-from app.deps import OPS_SLOTS, SESSION_SLOTS
+from app.db import make_async_pool, session_scope, set_statement_timeout
+from app.deps import ASYNC_POOL_SIZE, OPS_SLOTS, SESSION_SLOTS
 from app.errors import PROBLEM_JSON, PROBLEM_SCHEMA, install_error_handlers
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
@@ -41,6 +41,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # This process serves requests: its statements are bounded (a worker's are not).
     set_statement_timeout(get_settings().api_statement_timeout_seconds)
     await run_in_threadpool(_bootstrap)
+    settings = get_settings()
+    pool = make_async_pool(settings.database_url, size=ASYNC_POOL_SIZE)
+    # Opened in the background: the API starts (and answers 503) while the database is away.
+    await pool.open(wait=False)
+    app.state.async_pool = pool
+    app.state.async_slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
     app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
     app.state.ops_slots = asyncio.Semaphore(OPS_SLOTS)
     waiter = JobWaiter(get_settings().redis_url)
@@ -50,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await waiter.stop()
+        await pool.close()
 
 
 def _problem(description: str) -> dict[str, Any]:

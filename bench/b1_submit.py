@@ -1,41 +1,97 @@
 """B1 Submit: POST /v1/jobs under load.
 
-500 concurrent connections for 30 s, each request a new turn with a durable job row (no
-worker runs: this measures accepting work). Baseline in the same run: GET /livez under the
-same load, the most requests/s this API process can answer at all.
-Target: 0 errors, p99 under 200 ms, at least 1,500 requests/s on 2 cores (generator included).
+500 concurrent connections, each request a new turn with a durable job row (no worker runs:
+this measures accepting work). In the same run, under the same load:
+- the baseline GET /livez, the most requests/s the API's processes answer at all;
+- the peer: the FastAPI + Celery service every tutorial writes (bench/tutorial_peer.py,
+  `POST /chat` -> `task.delay()`, no durable row), as many processes as Parley's API.
+After the run every 202 is checked against the jobs table: each answered job is stored.
+Targets: submit >= 50% of livez requests/s, p99 < 200 ms, 0 errors, ahead of the peer.
 
-Run: python -m bench.b1_submit [--seconds 30] [--connections 500]
+Run: python -m bench.b1_submit [--seconds 30] [--connections 500] [--api-processes 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import redis
+from sqlalchemy import create_engine, text
+
+from app.config import normalize_database_url
+from app.dev.stack import Stack, free_port, wait_http
 from bench.loadgen import LoadResult, http_request, run_load
 from bench.report import percentile, say
-from bench.stack import BenchStack
+from bench.stack import DEFAULT_REDIS, BenchStack
 
 TENANTS = 50
+MESSAGE = "Hello, how are you today?"
+# The peer's broker: a Redis database of its own, flushed before and after.
+PEER_REDIS_DB = 14
+
+
+def _errors(result: LoadResult, ok: int) -> int:
+    return result.errors + sum(n for status, n in result.statuses.items() if status != ok)
 
 
 def _report(label: str, result: LoadResult, ok: int) -> None:
-    errors = result.errors + sum(n for status, n in result.statuses.items() if status != ok)
     lat = result.latencies
     say(
         f"  {label}: {result.per_second:.0f} requests/s, p50 {percentile(lat, 0.5) * 1000:.1f} ms,"
         f" p95 {percentile(lat, 0.95) * 1000:.1f} ms, p99 {percentile(lat, 0.99) * 1000:.1f} ms,"
-        f" errors {errors} (statuses {dict(sorted(result.statuses.items()))})"
+        f" errors {_errors(result, ok)} (statuses {dict(sorted(result.statuses.items()))})"
     )
+
+
+def _peer_broker() -> str:
+    base = os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS).rsplit("/", 1)[0]
+    return f"{base}/{PEER_REDIS_DB}"
+
+
+@contextmanager
+def tutorial_peer(processes: int) -> Iterator[int]:
+    """bench/tutorial_peer.py under uvicorn (uvloop and httptools, as `parley api`); its port."""
+    broker = _peer_broker()
+    redis.Redis.from_url(broker).flushdb()
+    port = free_port()
+    stack = Stack({"PEER_BROKER_URL": broker})
+    argv = ["uvicorn", "bench.tutorial_peer:app", "--port", str(port), "--workers"]
+    argv += [str(processes), "--log-level", "warning", "--no-access-log"]
+    stack.start(argv)
+    try:
+        if not wait_http(f"http://127.0.0.1:{port}/openapi.json", timeout=60, procs=stack.procs):
+            raise RuntimeError("the tutorial peer did not start")
+        yield port
+    finally:
+        stack.stop()
+        redis.Redis.from_url(broker).flushdb()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.b1_submit")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--connections", type=int, default=500)
+    parser.add_argument("--api-processes", type=int, default=1)
     args = parser.parse_args()
-    with BenchStack("b1", model="tiny", workers=False) as stack:
+    load = {"connections": args.connections, "seconds": args.seconds}
+    say(
+        f"B1: {args.connections} connections, {args.seconds:.0f} s each run,"
+        f" {args.api_processes} API process(es), {os.cpu_count()} cores"
+    )
+
+    body = json.dumps({"message": MESSAGE}).encode()
+    chat = http_request("POST", "/chat", {"Content-Type": "application/json"}, body)
+    with tutorial_peer(args.api_processes) as port:
+        peer = run_load("127.0.0.1", port, lambda _: chat, **load)
+    _report("peer POST /chat (FastAPI + Celery, no durable row)", peer, 202)
+
+    settings = {"API_PROCESSES": str(args.api_processes)}
+    with BenchStack("b1", model="tiny", workers=False, **settings) as stack:
         keys = [stack.create_key(f"tenant-{i}") for i in range(TENANTS)]
         livez = http_request("GET", "/livez", {})
         bodies = [
@@ -43,23 +99,31 @@ def main() -> None:
                 "POST",
                 "/v1/jobs",
                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                json.dumps({"message": "Hello, how are you today?"}).encode(),
+                json.dumps({"message": MESSAGE}).encode(),
             )
             for key in keys
         ]
-        say(f"B1: {args.connections} connections, {args.seconds:.0f} s each run")
-        baseline = run_load(
-            "127.0.0.1", stack.port, lambda _: livez,
-            connections=args.connections, seconds=min(args.seconds, 10),
-        )  # fmt: skip
+        baseline = run_load("127.0.0.1", stack.port, lambda _: livez, **load)
         _report("baseline GET /livez", baseline, 200)
-        submit = run_load(
-            "127.0.0.1", stack.port, lambda n: bodies[n % TENANTS],
-            connections=args.connections, seconds=args.seconds,
-        )  # fmt: skip
+        submit = run_load("127.0.0.1", stack.port, lambda n: bodies[n % TENANTS], **load)
         _report("POST /v1/jobs", submit, 202)
+        assert stack.database_url is not None
+        engine = create_engine(normalize_database_url(stack.database_url))
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT count(*) FROM jobs")).scalar_one()
+        engine.dispose()
+    accepted = submit.statuses.get(202, 0)
+    say(f"  202s answered {accepted}, job rows stored {stored}")
     say(f"  ratio submit / livez: {submit.per_second / baseline.per_second:.0%}")
-    say("  targets: 0 errors, p99 < 200 ms, >= 1500 requests/s")
+    say(f"  ratio submit / peer:  {submit.per_second / peer.per_second:.2f}x")
+    p99 = percentile(submit.latencies, 0.99) * 1000
+    say(
+        f"  targets: submit >= 50% of livez, p99 < 200 ms ({p99:.0f}), 0 errors"
+        f" ({_errors(submit, 202)}), ahead of the peer, every 202 stored"
+    )
+    if stored < accepted:
+        say("  FAILED: a 202 without its stored job")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -83,15 +85,20 @@ def create_key(
     return key, secret
 
 
-def authenticate(session: Session, *, secret: str) -> Principal | None:
-    row = session.execute(
-        select(ApiKey.id, ApiKey.tenant_id, ApiKey.scope).where(
-            ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)
-        )
-    ).first()
+_KEY_LOOKUP = """
+SELECT id, tenant_id, scope FROM api_keys WHERE key_hash = %(hash)s AND revoked_at IS NULL
+"""
+
+
+async def authenticate(conn: AsyncConnection[TupleRow], *, secret: str) -> Principal | None:
+    """The key's principal, or None when it is unknown or revoked: one indexed read, on the
+    API's async pool (every request makes it)."""
+    found = await conn.execute(_KEY_LOOKUP, {"hash": hash_key(secret)})
+    row = await found.fetchone()
     if row is None:
         return None
-    return Principal(key_id=row.id, tenant_id=row.tenant_id, scope=Scope(row.scope))
+    key_id, tenant_id, scope = row
+    return Principal(key_id=key_id, tenant_id=tenant_id, scope=Scope(scope))
 
 
 def revoke_key(session: Session, *, key_id: str) -> bool:

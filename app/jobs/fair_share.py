@@ -17,8 +17,12 @@ under the share may go past it by the few submissions racing with it, which is h
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, Select, func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -26,15 +30,15 @@ from app.models import Job, JobStatus
 
 # pg_advisory_xact_lock(namespace, hashtext(tenant_id)): "PF" for Parley fair share. Two
 # tenants whose ids hash alike only share a lock, which is correct, just more serial.
-_LOCK_NAMESPACE = 0x5046
+LOCK_NAMESPACE = 0x5046
 
 
 def share(tenant_id: str) -> int:
     return get_settings().fair_share(tenant_id)
 
 
-def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
-    """The tenant's jobs sent to the broker and not yet started, counted up to `up_to`."""
+def sent_waiting(tenant_id: str, *, up_to: int) -> ScalarSelect[int]:
+    """SQL: the tenant's jobs sent to the broker and not yet started, counted up to `up_to`."""
     sent = (
         select(Job.id)
         .where(
@@ -45,11 +49,20 @@ def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
         .limit(up_to)
         .subquery()
     )
-    return int(session.execute(select(func.count()).select_from(sent)).scalar_one())
+    return select(func.count()).select_from(sent).scalar_subquery()
+
+
+def tenant_lock(tenant_id: str) -> Select[Any]:
+    """SQL: take the tenant's lock until the transaction ends."""
+    return select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(tenant_id)))
+
+
+def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
+    return int(session.execute(select(sent_waiting(tenant_id, up_to=up_to))).scalar_one())
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
-    session.execute(select(func.pg_advisory_xact_lock(_LOCK_NAMESPACE, func.hashtext(tenant_id))))
+    session.execute(tenant_lock(tenant_id))
 
 
 def has_room(session: Session, tenant_id: str) -> bool:
@@ -71,49 +84,67 @@ def room(session: Session, tenant_id: str) -> int:
     return limit - _sent_waiting(session, tenant_id, up_to=limit)
 
 
-def held_position(session: Session, job: Job) -> int:
-    """Jobs that will run before a queued job not yet sent, under the policy: every sent job,
-    the tenant's own unsent jobs accepted before it, and from each other tenant as many of its
-    unsent jobs as the broker interleaves meanwhile (in proportion to the shares)."""
-    sent = session.execute(
+@dataclass(frozen=True)
+class Place:
+    """Where a queued job is: enough to say how many jobs run before it."""
+
+    tenant_id: str
+    created_at: datetime
+    id: str
+    enqueued_at: datetime | None
+
+
+def _held_counts(place: Place) -> tuple[Select[int], Select[str, int, int]]:
+    sent = (
         select(func.count())
         .select_from(Job)
         .where(Job.status == JobStatus.queued, Job.enqueued_at.is_not(None))
-    ).scalar_one()
-    before = (Job.created_at < job.created_at) | (
-        (Job.created_at == job.created_at) & (Job.id < job.id)
     )
-    rows = session.execute(
-        select(
-            Job.tenant_id,
-            func.count(),
-            func.count().filter(before),
-        )
+    before = (Job.created_at < place.created_at) | (
+        (Job.created_at == place.created_at) & (Job.id < place.id)
+    )
+    unsent = (
+        select(Job.tenant_id, func.count(), func.count().filter(before))
         .where(Job.status == JobStatus.queued, Job.enqueued_at.is_(None))
         .group_by(Job.tenant_id)
-    ).all()
-    own = next((int(ahead) for tenant, _, ahead in rows if tenant == job.tenant_id), 0)
-    mine = share(job.tenant_id)
+    )
+    return sent, unsent
+
+
+def held_position(place: Place, sent: int, unsent: Sequence[tuple[str, int, int]]) -> int:
+    """From the count of sent jobs and, per tenant, its unsent jobs and those of them
+    accepted before this one (the submit reads them in app.jobs.repository's SQL)."""
+    own = next((int(ahead) for tenant, _, ahead in unsent if tenant == place.tenant_id), 0)
+    mine = share(place.tenant_id)
     others = sum(
-        min(int(unsent), math.ceil((own + 1) * share(tenant) / mine))
-        for tenant, unsent, _ in rows
-        if tenant != job.tenant_id
+        min(int(count), math.ceil((own + 1) * share(tenant) / mine))
+        for tenant, count, _ in unsent
+        if tenant != place.tenant_id
     )
     return int(sent) + own + others
 
 
-def sent_position(session: Session, job: Job) -> int:
-    """Jobs that will run before a sent job: those sent before it (the broker is FIFO)."""
-    assert job.enqueued_at is not None
-    return int(
-        session.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.status == JobStatus.queued,
-                Job.enqueued_at.is_not(None),
-                (Job.enqueued_at < job.enqueued_at)
-                | ((Job.enqueued_at == job.enqueued_at) & (Job.id < job.id)),
-            )
-        ).scalar_one()
+def _sent_position(place: Place) -> Select[int]:
+    assert place.enqueued_at is not None
+    return (
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.enqueued_at.is_not(None),
+            (Job.enqueued_at < place.enqueued_at)
+            | ((Job.enqueued_at == place.enqueued_at) & (Job.id < place.id)),
+        )
     )
+
+
+def queue_position(session: Session, place: Place) -> int:
+    """Jobs that will run before this queued one. A sent job: those sent before it (the
+    broker is FIFO). One not sent: every sent job, the tenant's own unsent jobs accepted
+    before it, and from each other tenant as many of its unsent jobs as the broker
+    interleaves meanwhile (in proportion to the shares)."""
+    if place.enqueued_at is not None:
+        return int(session.execute(_sent_position(place)).scalar_one())
+    sent, unsent = _held_counts(place)
+    rows = [(tenant, count, ahead) for tenant, count, ahead in session.execute(unsent).all()]
+    return held_position(place, session.execute(sent).scalar_one(), rows)

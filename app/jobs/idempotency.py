@@ -1,7 +1,8 @@
 """`Idempotency-Key`: a repeat within 24 hours returns the first answer.
 
 The key's row is committed before the work starts, so a concurrent repeat finds it at once
-and is answered 409 rather than blocking on the first request's transaction.
+and is answered 409 rather than blocking on the first request's transaction; the submit's
+transaction records its job there (app.jobs.repository.IDEMPOTENCY_DONE).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from datetime import timedelta
 
 from pydantic import BaseModel
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -67,15 +68,6 @@ def begin(session: Session, *, tenant_id: str, key: str, fingerprint: str) -> st
     if job_id is None:
         raise ProblemError(409, "A request with this Idempotency-Key is still being handled.")
     return job_id
-
-
-def complete(session: Session, *, tenant_id: str, key: str, job_id: str) -> None:
-    """Record the job; part of the transaction that creates it."""
-    session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-        .values(job_id=job_id)
-    )
 
 
 def release(session: Session, *, tenant_id: str, key: str) -> None:

@@ -40,20 +40,6 @@ def lock_conversation(
     return session.execute(query.with_for_update()).scalar_one_or_none()
 
 
-def has_earlier_unfinished(session: Session, *, conversation_id: str, turn: int) -> bool:
-    return bool(
-        session.execute(
-            select(
-                exists().where(
-                    Job.conversation_id == conversation_id,
-                    Job.turn < turn,
-                    Job.status.in_(UNFINISHED),
-                )
-            )
-        ).scalar_one()
-    )
-
-
 def dispatch(session: Session, job: Job) -> None:
     """Send `job` to the workers once the transaction commits."""
     job.enqueued_at = utcnow()

@@ -11,9 +11,8 @@ import redis
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.config import Settings
 from app.db import get_sessionmaker
-from app.deps import CurrentKey, SessionDep, SettingsDep
+from app.deps import CurrentKey, SessionDep, SettingsDep, pooled_connection
 from app.jobs import idempotency, service
 from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
@@ -22,6 +21,7 @@ from app.logs import log_context
 from app.metrics import JOBS_SUBMITTED
 from app.models import TERMINAL
 from app.pagination import CursorQuery, LimitQuery, Page
+from app.queue import RUN_TURN, send_now
 from app.redis import announce_job_ended, get_redis, request_cancel
 from app.webhooks import events as webhook_events
 from app.webhooks.schemas import WebhookAttemptOut, WebhookState
@@ -49,54 +49,62 @@ async def submit_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
     """Accept a chat turn. A 202 means the message and its job are durably stored."""
+    tenant = principal.tenant_id
     if body.webhook_url is not None:
         # Before any connection is taken: a slow name holds up only this request.
-        await webhook_events.vet_submitted_url(
-            body.webhook_url, settings, tenant_id=principal.tenant_id
-        )
-    async with request.app.state.session_slots:
-        job, replayed = await run_in_threadpool(
-            _submit, principal.tenant_id, body, settings, idempotency_key
+        await webhook_events.vet_submitted_url(body.webhook_url, settings, tenant_id=tenant)
+    if idempotency_key is not None:
+        earlier = await _reserve(request, tenant, idempotency_key, body)
+        if earlier is not None:
+            response.headers["Location"] = f"/v1/jobs/{earlier}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return await _read_job_slotted(request, tenant, earlier)
+    try:
+        async with pooled_connection(request) as conn, conn.transaction():
+            submitted = await service.submit_turn(
+                conn,
+                tenant_id=tenant,
+                request=body,
+                settings=settings,
+                idempotency_key=idempotency_key,
+            )
+    except BaseException:
+        if idempotency_key is not None:
+            async with request.app.state.session_slots:
+                await run_in_threadpool(_release, tenant, idempotency_key)
+        raise
+    job = submitted.job
+    if submitted.send:
+        # Committed: now the broker (its client blocks, so in a thread).
+        await run_in_threadpool(send_now, RUN_TURN, [job.id])
+    JOBS_SUBMITTED.inc()
+    with log_context(job_id=job.id):
+        log.info(
+            "job accepted: tenant %s, conversation %s, turn %d",
+            tenant,
+            job.conversation_id,
+            submitted.turn,
         )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
     return job
 
 
-def _submit(
-    tenant: str, body: JobCreate, settings: Settings, idempotency_key: str | None
-) -> tuple[JobOut, bool]:
-    """The job (stored, or the earlier one of the same idempotency key), and whether it is
-    that earlier one. One session, in one thread call (see app.deps.get_session)."""
+async def _reserve(request: Request, tenant: str, key: str, body: JobCreate) -> str | None:
+    """The Idempotency-Key reserved for this request (None), or the job of the earlier
+    request that used it (see app.jobs.idempotency)."""
+    fingerprint = idempotency.request_fingerprint(body)
+
+    def reserve() -> str | None:
+        with get_sessionmaker()() as session:
+            return idempotency.begin(session, tenant_id=tenant, key=key, fingerprint=fingerprint)
+
+    async with request.app.state.session_slots:
+        return await run_in_threadpool(reserve)
+
+
+def _release(tenant: str, key: str) -> None:
     with get_sessionmaker()() as session:
-        if idempotency_key is not None:
-            fingerprint = idempotency.request_fingerprint(body)
-            earlier = idempotency.begin(
-                session, tenant_id=tenant, key=idempotency_key, fingerprint=fingerprint
-            )
-            if earlier is not None:
-                job = service.get_job(session, tenant_id=tenant, job_id=earlier)
-                return to_job_out(session, job), True
-        try:
-            job = service.submit_turn(session, tenant_id=tenant, request=body, settings=settings)
-            if idempotency_key is not None:
-                idempotency.complete(session, tenant_id=tenant, key=idempotency_key, job_id=job.id)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            if idempotency_key is not None:
-                idempotency.release(session, tenant_id=tenant, key=idempotency_key)
-            raise
-        JOBS_SUBMITTED.inc()
-        with log_context(job_id=job.id):
-            log.info(
-                "job accepted: tenant %s, conversation %s, turn %d",
-                tenant,
-                job.conversation_id,
-                job.turn,
-            )
-        return to_job_out(session, job), False
+        idempotency.release(session, tenant_id=tenant, key=key)
 
 
 def _read_job(tenant_id: str | None, job_id: str) -> JobOut:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import ProblemError, not_found
 from app.ids import new_id, plausible_id
-from app.jobs import fair_share, lifecycle
-from app.jobs.schemas import JobCreate
-from app.models import UNFINISHED, Conversation, Job, JobStatus, Message, user_seq
+from app.jobs import fair_share, lifecycle, repository
+from app.jobs.schemas import JobCreate, JobOut
+from app.models import UNFINISHED, Job, JobStatus, user_seq
 from app.models.base import utcnow
-from app.schemas import GenerationSettings
+from app.schemas import ChatMessage, GenerationSettings
+from app.webhooks.schemas import WebhookState
 
 
 def resolve_generation(request: JobCreate, settings: Settings) -> GenerationSettings:
@@ -33,28 +39,29 @@ def resolve_generation(request: JobCreate, settings: Settings) -> GenerationSett
     )
 
 
-def _check_tenant_capacity(session: Session, *, tenant_id: str, settings: Settings) -> None:
-    # Counting stops at the limit, so a tenant with a deep queue costs no more per submit.
-    limit = settings.max_unfinished_jobs_per_tenant
-    unfinished = session.execute(
-        select(func.count()).select_from(
-            select(Job.id)
-            .where(Job.tenant_id == tenant_id, Job.status.in_(UNFINISHED))
-            .limit(limit)
-            .subquery()
-        )
-    ).scalar_one()
-    if unfinished >= limit:
-        raise ProblemError(
-            429,
-            f"This tenant has {limit} unfinished jobs, the most allowed; "
-            "retry when some have ended.",
-            headers={"Retry-After": "5"},
-        )
+@dataclass(frozen=True)
+class Submitted:
+    job: JobOut
+    turn: int
+    # The job is its conversation's next and within its tenant's share: the caller sends it
+    # to the workers once the transaction has committed.
+    send: bool
 
 
-def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, settings: Settings) -> Job:
-    """Store the user's message and its job; dispatch it if it is its conversation's next."""
+async def submit_turn(
+    conn: AsyncConnection[TupleRow],
+    *,
+    tenant_id: str,
+    request: JobCreate,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """Store the user's message and its job in `conn`'s transaction, which the caller commits.
+
+    The tenant's counts (capacity and fair share) in one read, the conversation in one write
+    (a turn of an existing conversation is an UPDATE, which takes its row lock: turns of one
+    conversation are numbered one at a time), the job and its message in one more; the
+    statements are app.jobs.repository's."""
     # The checks of the request itself first; then those that cost a lookup.
     if request.conversation_id is not None and request.system_prompt is not None:
         raise ProblemError(
@@ -65,68 +72,104 @@ def submit_turn(session: Session, *, tenant_id: str, request: JobCreate, setting
     generation = resolve_generation(request, settings)
     # request.webhook_url has been vetted by the caller, before it took a connection
     # (app.webhooks.events.vet_submitted_url: a lookup must not hold one).
-    _check_tenant_capacity(session, tenant_id=tenant_id, settings=settings)
+    limit, share = settings.max_unfinished_jobs_per_tenant, settings.fair_share(tenant_id)
+    load = {"tenant": tenant_id, "limit": limit, "share": share}
+    unfinished, sent = await _one(conn, repository.TENANT_LOAD, load)
+    if unfinished >= limit:
+        raise ProblemError(
+            429,
+            f"This tenant has {limit} unfinished jobs, the most allowed; "
+            "retry when some have ended.",
+            headers={"Retry-After": "5"},
+        )
     now = utcnow()
-    if request.conversation_id is not None:
-        conversation = (
-            lifecycle.lock_conversation(session, request.conversation_id, tenant_id=tenant_id)
-            if plausible_id(request.conversation_id)
-            else None
+    if request.conversation_id is None:
+        conversation_id, turn = new_id("conv"), 1
+        await conn.execute(
+            repository.NEW_CONVERSATION,
+            {
+                "id": conversation_id,
+                "tenant": tenant_id,
+                "system_prompt": request.system_prompt,
+                "metadata": Jsonb(dict(request.metadata)),
+                "now": now,
+            },
         )
-        if conversation is None or conversation.tenant_id != tenant_id:
-            raise not_found("Conversation")
+        is_next = True
     else:
-        conversation = Conversation(
-            id=new_id("conv"),
-            tenant_id=tenant_id,
-            system_prompt=request.system_prompt,
-            metadata_=dict(request.metadata),
-            turn_count=0,
-            message_count=0,
-            created_at=now,
-        )
-        session.add(conversation)
-    conversation.turn_count += 1
-    conversation.message_count += 1
-    conversation.updated_at = now
-    turn = conversation.turn_count
-    # Decided before the insert, so that the job is written once, already dispatched.
-    is_next = turn == 1 or not lifecycle.has_earlier_unfinished(
-        session, conversation_id=conversation.id, turn=turn
-    )
-    send = is_next and fair_share.has_room(session, tenant_id)
-    job = Job(
-        id=new_id("job"),
-        tenant_id=tenant_id,
-        conversation_id=conversation.id,
-        turn=turn,
-        status=JobStatus.queued,
-        generation=generation,
-        metadata_=dict(request.metadata),
-        webhook_url=request.webhook_url,
-        attempts=0,
-        cancel_requested=False,
-        created_at=now,
-    )
+        conversation_id = request.conversation_id
+        row = None
+        if plausible_id(conversation_id):
+            next_turn = {"id": conversation_id, "tenant": tenant_id, "now": now}
+            row = await (await conn.execute(repository.NEXT_TURN, next_turn)).fetchone()
+        if row is None:
+            raise not_found("Conversation")
+        turn = int(row[0])
+        earlier = {"conversation": conversation_id, "turn": turn}
+        (waits,) = await _one(conn, repository.EARLIER_UNFINISHED, earlier)
+        is_next = not waits
+    send = False
     if is_next:
-        job.ready_at = now
-    session.add(job)
-    if send:
-        lifecycle.dispatch(session, job)
-    session.flush()
-    session.add(
-        Message(
-            id=new_id("msg"),
-            conversation_id=conversation.id,
-            job_id=job.id,
-            seq=user_seq(turn),
-            role="user",
-            content=request.message,
-            created_at=now,
-        )
+        send = sent < share
+        if not send:
+            # At the share: decide under the tenant's lock (see app.jobs.fair_share).
+            lock = {"namespace": fair_share.LOCK_NAMESPACE, "tenant": tenant_id}
+            await conn.execute(repository.TENANT_LOCK, lock)
+            (recount,) = await _one(conn, repository.SENT_WAITING, load)
+            send = recount < share
+    job_id = new_id("job")
+    await conn.execute(
+        repository.NEW_JOB,
+        {
+            "id": job_id,
+            "tenant": tenant_id,
+            "conversation": conversation_id,
+            "turn": turn,
+            "generation": Jsonb(generation.model_dump(mode="json")),
+            "metadata": Jsonb(dict(request.metadata)),
+            "webhook_url": request.webhook_url,
+            "now": now,
+            "ready_at": now if is_next else None,
+            "enqueued_at": now if send else None,
+            "message_id": new_id("msg"),
+            "seq": user_seq(turn),
+            "content": request.message,
+        },
     )
-    session.flush()
-    return job
+    if idempotency_key is not None:
+        done = {"job": job_id, "tenant": tenant_id, "key": idempotency_key}
+        await conn.execute(repository.IDEMPOTENCY_DONE, done)
+    place = fair_share.Place(tenant_id, now, job_id, now if send else None)
+    job = JobOut(
+        id=job_id,
+        conversation_id=conversation_id,
+        status=JobStatus.queued,
+        message=ChatMessage(role="user", content=request.message),
+        queue_position=await _queue_position(conn, place),
+        created_at=now,
+        webhook=None
+        if request.webhook_url is None
+        else WebhookState(url=request.webhook_url, status="pending", attempts=0),
+        metadata=dict(request.metadata),
+    )
+    return Submitted(job=job, turn=turn, send=send)
+
+
+async def _one(conn: AsyncConnection[TupleRow], query: str, params: dict[str, Any]) -> TupleRow:
+    row = await (await conn.execute(query, params)).fetchone()
+    assert row is not None  # an aggregate: always one row
+    return row
+
+
+async def _queue_position(conn: AsyncConnection[TupleRow], place: fair_share.Place) -> int:
+    if place.enqueued_at is not None:
+        sent_before = {"enqueued_at": place.enqueued_at, "id": place.id}
+        (before,) = await _one(conn, repository.SENT_BEFORE, sent_before)
+        return int(before)
+    unsent = {"created_at": place.created_at, "id": place.id}
+    rows = await (await conn.execute(repository.UNSENT_BY_TENANT, unsent)).fetchall()
+    sent = int(rows[0][3]) if rows else 0
+    return fair_share.held_position(place, sent, [(t, n, ahead) for t, n, ahead, _ in rows])
 
 
 def get_job(session: Session, *, tenant_id: str | None, job_id: str) -> Job:
