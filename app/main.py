@@ -20,6 +20,7 @@ from app.deps import ASYNC_POOL_SIZE, OPS_SLOTS, SESSION_SLOTS
 from app.errors import PROBLEM_JSON, PROBLEM_SCHEMA, install_error_handlers
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
+from app.jobs.service import UnsentCounts
 from app.jobs.waiter import JobWaiter
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -47,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await pool.open(wait=False)
     app.state.async_pool = pool
     app.state.async_slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
+    app.state.unsent_counts = UnsentCounts()
     app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
     app.state.ops_slots = asyncio.Semaphore(OPS_SLOTS)
     waiter = JobWaiter(get_settings().redis_url)

@@ -73,12 +73,17 @@ SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL
   AND (enqueued_at, id) < (%(enqueued_at)s, %(id)s)
 """
 
-# fair_share.queue_position of a job not sent: every sent job, and per tenant its unsent jobs
-# and those of them accepted before this one.
+# fair_share.queue_position of a job not sent: every sent job, and the tenant's own unsent
+# jobs accepted before this one...
+SENT_AND_OWN_UNSENT_BEFORE = """
+SELECT
+  (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL),
+  (SELECT count(*) FROM jobs WHERE tenant_id = %(tenant)s AND status = 'queued'
+     AND enqueued_at IS NULL AND (created_at, id) < (%(created_at)s, %(id)s))
+"""
+
+# ...and the other tenants' unsent jobs (app.jobs.service.UnsentCounts reads these).
 UNSENT_BY_TENANT = """
-SELECT tenant_id, count(*),
-  count(*) FILTER (WHERE (created_at, id) < (%(created_at)s, %(id)s)),
-  (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL)
-FROM jobs WHERE status = 'queued' AND enqueued_at IS NULL
+SELECT tenant_id, count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NULL
 GROUP BY tenant_id
 """

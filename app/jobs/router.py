@@ -66,6 +66,7 @@ async def submit_job(
                 tenant_id=tenant,
                 request=body,
                 settings=settings,
+                unsent=request.app.state.unsent_counts,
                 idempotency_key=idempotency_key,
             )
     except BaseException:
