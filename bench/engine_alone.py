@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from app.schemas import ChatMessage
 from bench.report import percentile, say
@@ -25,8 +26,23 @@ SHAPES = {
 }
 
 
-def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "b2"
+@dataclass(frozen=True)
+class EngineRun:
+    turns: int
+    wall_s: float
+    tokens: int
+    latencies: list[float]
+    cache_hits: int | None
+    cache_misses: int | None
+
+    @property
+    def turns_per_s(self) -> float:
+        return self.turns / self.wall_s
+
+
+def run_engine_alone(name: str) -> EngineRun:
+    """Shape `name`'s conversations straight on an Engine in this process, each thread
+    submitting its next turn as soon as the last one has ended."""
     size, conversations, turns, new_tokens = SHAPES[name]
     loaded = load_model(str(model_dir(size)))
     engine = Engine(loaded, max_batch=16, prefix_cache_bytes=1024 * 2**20)
@@ -67,11 +83,25 @@ def main(argv: list[str]) -> None:
         thread.join()
     wall = time.perf_counter() - started
     cache = engine.prefix_cache
-    say(f"{name} on the engine alone ({size} model): {len(latencies)} turns in {wall:.1f} s")
-    say(f"  {len(latencies) / wall:.1f} turns/s, {tokens / wall:.1f} tokens/s")
-    say(f"  turn latency p50 {percentile(latencies, 0.5) * 1000:.1f} ms")
-    if cache is not None:
-        say(f"  prefix cache: {cache.hits} hits, {cache.misses} misses")
+    return EngineRun(
+        len(latencies),
+        wall,
+        tokens,
+        latencies,
+        None if cache is None else cache.hits,
+        None if cache is None else cache.misses,
+    )
+
+
+def main(argv: list[str]) -> None:
+    name = argv[0] if argv else "b2"
+    run = run_engine_alone(name)
+    size = SHAPES[name][0]
+    say(f"{name} on the engine alone ({size} model): {run.turns} turns in {run.wall_s:.1f} s")
+    say(f"  {run.turns_per_s:.1f} turns/s, {run.tokens / run.wall_s:.1f} tokens/s")
+    say(f"  turn latency p50 {percentile(run.latencies, 0.5) * 1000:.1f} ms")
+    if run.cache_hits is not None:
+        say(f"  prefix cache: {run.cache_hits} hits, {run.cache_misses} misses")
 
 
 if __name__ == "__main__":
