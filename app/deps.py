@@ -110,8 +110,7 @@ def _enforce_rate_limit(principal: Principal, settings: Settings) -> None:
 
 
 async def current_principal(request: Request, settings: SettingsDep) -> Principal:
-    # On the event loop, on the API's async engine: no thread, no session slot (its pool
-    # bounds the connections and queues the rest, holding nothing).
+    # On the event loop, on the API's async pool: no thread hop, no session slot.
     secret = _bearer(request)
     async with pooled_connection(request) as conn:
         principal = await authenticate(conn, secret=secret)

@@ -20,9 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ScalarSelect, Select, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -37,8 +36,8 @@ def share(tenant_id: str) -> int:
     return get_settings().fair_share(tenant_id)
 
 
-def sent_waiting(tenant_id: str, *, up_to: int) -> ScalarSelect[int]:
-    """SQL: the tenant's jobs sent to the broker and not yet started, counted up to `up_to`."""
+def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
+    """The tenant's jobs sent to the broker and not yet started, counted up to `up_to`."""
     sent = (
         select(Job.id)
         .where(
@@ -49,20 +48,11 @@ def sent_waiting(tenant_id: str, *, up_to: int) -> ScalarSelect[int]:
         .limit(up_to)
         .subquery()
     )
-    return select(func.count()).select_from(sent).scalar_subquery()
-
-
-def tenant_lock(tenant_id: str) -> Select[Any]:
-    """SQL: take the tenant's lock until the transaction ends."""
-    return select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(tenant_id)))
-
-
-def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
-    return int(session.execute(select(sent_waiting(tenant_id, up_to=up_to))).scalar_one())
+    return int(session.execute(select(func.count()).select_from(sent)).scalar_one())
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
-    session.execute(tenant_lock(tenant_id))
+    session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(tenant_id))))
 
 
 def has_room(session: Session, tenant_id: str) -> bool:

@@ -9,7 +9,7 @@ app.jobs.lifecycle); "unfinished" is `status IN ('queued', 'running')` (app.mode
 from __future__ import annotations
 
 # The tenant's unfinished jobs, counted up to its limit (a deep queue costs no more), and its
-# jobs sent and waiting in the broker, up to its share (fair_share.sent_waiting).
+# jobs sent and waiting in the broker, up to its share (fair_share._sent_waiting).
 TENANT_LOAD = """
 SELECT
   (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s
@@ -23,7 +23,7 @@ SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s
   AND status = 'queued' AND enqueued_at IS NOT NULL LIMIT %(share)s) AS sent
 """
 
-# fair_share.tenant_lock: until the transaction ends.
+# fair_share.lock_tenant: until the transaction ends.
 TENANT_LOCK = "SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(tenant)s))"
 
 NEW_CONVERSATION = """
