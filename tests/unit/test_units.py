@@ -85,6 +85,7 @@ def test_worker_processes_are_pinned_and_do_not_oversubscribe(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     gpu = worker_spec("1", gpu_count=2)
     assert gpu.env["CUDA_VISIBLE_DEVICES"] == "1"
@@ -92,6 +93,8 @@ def test_worker_processes_are_pinned_and_do_not_oversubscribe(
     cpu = worker_spec(None, gpu_count=1)
     assert cpu.env["CUDA_VISIBLE_DEVICES"] == ""
     assert cpu.env["OMP_NUM_THREADS"] == "16"
+    # Its OpenMP threads sleep between parallel regions rather than spin on shared cores.
+    assert cpu.env["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in gpu.env
     assert "--concurrency" in cpu.command
 
 
