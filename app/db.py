@@ -69,7 +69,7 @@ def make_async_pool(url: str, *, size: int) -> AsyncConnectionPool[AsyncConnecti
     plain psycopg, no thread and no ORM per request (app.jobs.repository holds their SQL).
     Its connections belong to the loop that opened them, so the API's lifespan opens it and
     closes it. Bounded by this process's statement timeout, as the engine is."""
-    engine = _engine_options(url, statement_timeout_s=_statement_timeout_s)
+    options = _engine_options(url, statement_timeout_s=_statement_timeout_s)
     return AsyncConnectionPool(
         make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
         # Every connection stays open (none made and closed per burst); past them a request
@@ -79,7 +79,7 @@ def make_async_pool(url: str, *, size: int) -> AsyncConnectionPool[AsyncConnecti
         timeout=5,
         # A statement alone (the key lookup) needs no BEGIN and ROLLBACK around it; a submit
         # opens its transaction (`conn.transaction()`).
-        kwargs={**engine["connect_args"], "autocommit": True},
+        kwargs={**options["connect_args"], "autocommit": True},
         open=False,
     )
 

@@ -17,11 +17,9 @@ under the share may go past it by the few submissions racing with it, which is h
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -74,67 +72,54 @@ def room(session: Session, tenant_id: str) -> int:
     return limit - _sent_waiting(session, tenant_id, up_to=limit)
 
 
-@dataclass(frozen=True)
-class Place:
-    """Where a queued job is: enough to say how many jobs run before it."""
+def position_when_held(
+    tenant_id: str, *, sent: int, own_ahead: int, unsent: Mapping[str, int]
+) -> int:
+    """Jobs that will run before a queued job not yet sent, under the policy: every sent job
+    (`sent`), the tenant's own unsent jobs accepted before it (`own_ahead`), and from each
+    other tenant (`unsent`: its unsent jobs) as many as the broker interleaves meanwhile, in
+    proportion to the shares."""
+    mine = share(tenant_id)
+    others = sum(
+        min(count, math.ceil((own_ahead + 1) * share(tenant) / mine))
+        for tenant, count in unsent.items()
+        if tenant != tenant_id
+    )
+    return sent + own_ahead + others
 
-    tenant_id: str
-    created_at: datetime
-    id: str
-    enqueued_at: datetime | None
 
-
-def _held_counts(place: Place) -> tuple[Select[int], Select[str, int, int]]:
-    sent = (
+def held_position(session: Session, job: Job) -> int:
+    """position_when_held, read exactly (the submit's own 202 reads it in app.jobs.service)."""
+    sent = session.execute(
         select(func.count())
         .select_from(Job)
         .where(Job.status == JobStatus.queued, Job.enqueued_at.is_not(None))
+    ).scalar_one()
+    before = (Job.created_at < job.created_at) | (
+        (Job.created_at == job.created_at) & (Job.id < job.id)
     )
-    before = (Job.created_at < place.created_at) | (
-        (Job.created_at == place.created_at) & (Job.id < place.id)
-    )
-    unsent = (
+    rows = session.execute(
         select(Job.tenant_id, func.count(), func.count().filter(before))
         .where(Job.status == JobStatus.queued, Job.enqueued_at.is_(None))
         .group_by(Job.tenant_id)
+    ).all()
+    own_ahead = next((int(ahead) for tenant, _, ahead in rows if tenant == job.tenant_id), 0)
+    unsent = {str(tenant): int(count) for tenant, count, _ in rows}
+    return position_when_held(job.tenant_id, sent=int(sent), own_ahead=own_ahead, unsent=unsent)
+
+
+def sent_position(session: Session, job: Job) -> int:
+    """Jobs that will run before a sent job: those sent before it (the broker is FIFO)."""
+    assert job.enqueued_at is not None
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.status == JobStatus.queued,
+                Job.enqueued_at.is_not(None),
+                (Job.enqueued_at < job.enqueued_at)
+                | ((Job.enqueued_at == job.enqueued_at) & (Job.id < job.id)),
+            )
+        ).scalar_one()
     )
-    return sent, unsent
-
-
-def held_position(place: Place, sent: int, unsent: Sequence[tuple[str, int, int]]) -> int:
-    """From the count of sent jobs and, per tenant, its unsent jobs and those of them
-    accepted before this one (the submit reads them in app.jobs.repository's SQL)."""
-    own = next((int(ahead) for tenant, _, ahead in unsent if tenant == place.tenant_id), 0)
-    mine = share(place.tenant_id)
-    others = sum(
-        min(int(count), math.ceil((own + 1) * share(tenant) / mine))
-        for tenant, count, _ in unsent
-        if tenant != place.tenant_id
-    )
-    return int(sent) + own + others
-
-
-def _sent_position(place: Place) -> Select[int]:
-    assert place.enqueued_at is not None
-    return (
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.status == JobStatus.queued,
-            Job.enqueued_at.is_not(None),
-            (Job.enqueued_at < place.enqueued_at)
-            | ((Job.enqueued_at == place.enqueued_at) & (Job.id < place.id)),
-        )
-    )
-
-
-def queue_position(session: Session, place: Place) -> int:
-    """Jobs that will run before this queued one. A sent job: those sent before it (the
-    broker is FIFO). One not sent: every sent job, the tenant's own unsent jobs accepted
-    before it, and from each other tenant as many of its unsent jobs as the broker
-    interleaves meanwhile (in proportion to the shares)."""
-    if place.enqueued_at is not None:
-        return int(session.execute(_sent_position(place)).scalar_one())
-    sent, unsent = _held_counts(place)
-    rows = [(tenant, count, ahead) for tenant, count, ahead in session.execute(unsent).all()]
-    return held_position(place, session.execute(sent).scalar_one(), rows)

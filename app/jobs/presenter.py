@@ -16,8 +16,9 @@ from app.webhooks.schemas import WebhookState
 
 def queue_position(session: Session, job: Job) -> int:
     """Jobs that will run before this queued one, under the fair share between tenants."""
-    place = fair_share.Place(job.tenant_id, job.created_at, job.id, job.enqueued_at)
-    return fair_share.queue_position(session, place)
+    if job.enqueued_at is not None:
+        return fair_share.sent_position(session, job)
+    return fair_share.held_position(session, job)
 
 
 def webhook_state(session: Session, job: Job) -> WebhookState | None:

@@ -70,7 +70,7 @@ UPDATE idempotency_keys SET job_id = %(job)s WHERE tenant_id = %(tenant)s AND ke
 # fair_share.queue_position of a sent job: the jobs sent before it (the broker is FIFO).
 SENT_BEFORE = """
 SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL
-  AND (enqueued_at, id) < (%(enqueued_at)s, %(id)s)
+  AND (enqueued_at, id) < (%(at)s, %(id)s)
 """
 
 # fair_share.queue_position of a job not sent: every sent job, and the tenant's own unsent
@@ -79,7 +79,7 @@ SENT_AND_OWN_UNSENT_BEFORE = """
 SELECT
   (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL),
   (SELECT count(*) FROM jobs WHERE tenant_id = %(tenant)s AND status = 'queued'
-     AND enqueued_at IS NULL AND (created_at, id) < (%(created_at)s, %(id)s))
+     AND enqueued_at IS NULL AND (created_at, id) < (%(at)s, %(id)s))
 """
 
 # ...and the other tenants' unsent jobs (app.jobs.service.UnsentCounts reads these).

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -143,13 +144,14 @@ async def submit_turn(
     if idempotency_key is not None:
         done = {"job": job_id, "tenant": tenant_id, "key": idempotency_key}
         await conn.execute(repository.IDEMPOTENCY_DONE, done)
-    place = fair_share.Place(tenant_id, now, job_id, now if send else None)
     job = JobOut(
         id=job_id,
         conversation_id=conversation_id,
         status=JobStatus.queued,
         message=ChatMessage(role="user", content=request.message),
-        queue_position=await _queue_position(conn, place, unsent),
+        queue_position=await _queue_position(
+            conn, tenant_id=tenant_id, job_id=job_id, at=now, sent=send, unsent=unsent
+        ),
         created_at=now,
         webhook=None
         if request.webhook_url is None
@@ -189,16 +191,24 @@ class UnsentCounts:
 
 
 async def _queue_position(
-    conn: AsyncConnection[TupleRow], place: fair_share.Place, unsent: UnsentCounts
+    conn: AsyncConnection[TupleRow],
+    *,
+    tenant_id: str,
+    job_id: str,
+    at: datetime,
+    sent: bool,
+    unsent: UnsentCounts,
 ) -> int:
-    if place.enqueued_at is not None:
-        sent_before = {"enqueued_at": place.enqueued_at, "id": place.id}
-        (before,) = await _one(conn, repository.SENT_BEFORE, sent_before)
+    """fair_share.sent_position or held_position of the job just written (accepted, and if
+    `sent` sent, `at`), the other tenants' backlogs from `unsent`."""
+    place = {"tenant": tenant_id, "at": at, "id": job_id}
+    if sent:
+        (before,) = await _one(conn, repository.SENT_BEFORE, place)
         return int(before)
-    own = {"tenant": place.tenant_id, "created_at": place.created_at, "id": place.id}
-    sent, own_ahead = await _one(conn, repository.SENT_AND_OWN_UNSENT_BEFORE, own)
-    others = [(t, n, 0) for t, n in (await unsent.get(conn)).items() if t != place.tenant_id]
-    return fair_share.held_position(place, sent, [(place.tenant_id, own_ahead, own_ahead), *others])
+    sent_jobs, own_ahead = await _one(conn, repository.SENT_AND_OWN_UNSENT_BEFORE, place)
+    return fair_share.position_when_held(
+        tenant_id, sent=sent_jobs, own_ahead=own_ahead, unsent=await unsent.get(conn)
+    )
 
 
 def get_job(session: Session, *, tenant_id: str | None, job_id: str) -> Job:
