@@ -28,7 +28,7 @@ from celeryconfig import TURNS_QUEUE
 log = logging.getLogger("parley.reconcile")
 
 # pg_try_advisory_xact_lock's key: "parley reconcile".
-_LOCK_KEY = 0x7061726C6579
+LOCK_KEY = 0x7061726C6579
 # Kept in the broker's Redis: absent, the broker is new or lost what it held (restarted with
 # no persistence, flushed), so every queued job's message may be gone.
 BROKER_MARKER = "parley:broker-marker"
@@ -45,7 +45,7 @@ def reconcile(settings: Settings) -> tuple[int, int]:
     """Returns (jobs recovered from dead workers, queued jobs sent again); (0, 0) when
     another worker is reconciling."""
     with session_scope() as session:
-        if not session.execute(select(func.pg_try_advisory_xact_lock(_LOCK_KEY))).scalar_one():
+        if not session.execute(select(func.pg_try_advisory_xact_lock(LOCK_KEY))).scalar_one():
             return 0, 0
         recovered = _recover_expired(session, settings)
         if _broker_was_emptied():
