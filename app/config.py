@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     generation_time_limit_seconds: float = Field(default=120.0, gt=0)
     # Turns generated together by one worker process (its batch), and so its Celery threads.
     worker_max_batch: int = Field(default=16, ge=1, le=512)
+    # Prompt tokens a worker prefills between two decoding steps: a longer prompt is prefilled
+    # in chunks of it, so the turns already running wait at most about that long for a token.
+    worker_prefill_tokens: int = Field(default=512, ge=16)
     # Memory a worker keeps conversations' key/value caches in, for their next turns (0: off).
     worker_prefix_cache_mb: int = Field(default=1024, ge=0)
     max_turn_attempts: int = Field(default=3, ge=1)

@@ -98,6 +98,23 @@ def test_greedy_output_is_the_same_batched_or_alone(
         assert result.completion_tokens <= param.max_new_tokens
 
 
+def test_prompts_prefilled_in_chunks_match_whole(
+    loaded: LoadedModel, prompts: list[Prompt]
+) -> None:
+    # A budget of 8 prompt tokens a step: every prompt here is prefilled in chunks, one prompt
+    # at a time in the staging slot, while the turns already in the batch go on decoding.
+    assert min(len(p.input_ids) for p in prompts) > 8
+    recorder = Recorder()
+    chunked = Engine(loaded, max_batch=16, prefill_tokens=8, on_step=recorder)
+    whole = Engine(loaded, max_batch=16)
+    params = [GenerationParams(max_new_tokens=20 + 5 * i) for i in range(len(prompts))]
+    alone = [whole.generate(p, q) for p, q in zip(prompts, params, strict=True)]
+    together = _together(chunked, prompts, params)
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.completion_tokens for r in together] == [r.completion_tokens for r in alone]
+    assert max(recorder.batch_sizes) > 1, "the turns never shared a step"
+
+
 def test_turns_that_join_a_running_batch_match_alone(
     loaded: LoadedModel, prompts: list[Prompt]
 ) -> None:

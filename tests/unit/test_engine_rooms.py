@@ -10,17 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from worker.inference.engine import Engine, GenerationParams
-from worker.inference.kv_cache import BatchCache
+from worker.inference.kv_cache import SlotCache
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.model_init import build_model
 from worker.inference.prefix_cache import Layers, PrefixCache
 from worker.inference.prompt import Prompt
 from worker.inference.request import GenerationRequest, RequestStatus
 from worker.inference.sampler import NO_TOKEN, Sampler, sample_row
-from worker.inference.scheduler import Scheduler, similar_lengths
+from worker.inference.scheduler import Scheduler, similar_lengths, within
 from worker.inference.stopping import StopRules
 
 CPU = torch.device("cpu")
@@ -91,7 +90,7 @@ def test_cold_prompts_are_grouped_by_similar_length() -> None:
 
 
 def test_admission_fills_the_batch_and_no_more() -> None:
-    scheduler = Scheduler(max_batch=3)
+    scheduler = Scheduler(max_batch=3, prefill_tokens=512)
     requests = [_request(10 + i) for i in range(4)]
     for request in requests:
         scheduler.submit(request)
@@ -104,7 +103,7 @@ def test_admission_fills_the_batch_and_no_more() -> None:
 
 
 def test_requests_that_end_while_waiting_are_never_admitted() -> None:
-    scheduler = Scheduler(max_batch=8)
+    scheduler = Scheduler(max_batch=8, prefill_tokens=512)
     cancelled, expired, live = _request(), _request(time_limit_s=0.01), _request()
     cancelled.cancel()
     for request in (cancelled, expired, live):
@@ -120,7 +119,7 @@ def test_a_cached_prefix_is_prefilled_alone_and_first() -> None:
     cache = PrefixCache(max_bytes=2**20)
     layers = [(torch.zeros(1, 2, 30, 4), torch.zeros(1, 2, 30, 4))]
     cache.store("conv", list(range(1, 31)), layers)
-    scheduler = Scheduler(max_batch=8, prefix_cache=cache)
+    scheduler = Scheduler(max_batch=8, prefill_tokens=512, prefix_cache=cache)
     cold_a, cold_b = _request(12), _request(14)
     warm = GenerationRequest(
         list(range(1, 41)), GenerationParams(max_new_tokens=8), 8, prefix_key="conv"
@@ -134,7 +133,7 @@ def test_a_cached_prefix_is_prefilled_alone_and_first() -> None:
 
 
 def test_wake_returns_from_a_waiting_schedule() -> None:
-    scheduler = Scheduler(max_batch=2)
+    scheduler = Scheduler(max_batch=2, prefill_tokens=512)
     returned: list[list[Any]] = []
     waiting = threading.Thread(
         target=lambda: returned.append(scheduler.schedule(running=0)), daemon=True
@@ -150,7 +149,7 @@ def test_wake_returns_from_a_waiting_schedule() -> None:
     assert returned == [[]]
 
 
-# -- the cache manager, against plain torch -----------------------------------------------
+# -- the slot cache, against plain torch --------------------------------------------------
 
 
 def _random_layers(length: int, seed: int) -> Layers:
@@ -164,11 +163,19 @@ def _random_layers(length: int, seed: int) -> Layers:
     ]
 
 
-def _left_padded(lengths: list[int], width: int) -> torch.Tensor:
-    return torch.stack([F.pad(torch.ones(n, dtype=torch.long), (width - n, 0)) for n in lengths])
+def _prefilled(rows: list[Layers], *, slots: int = 4) -> SlotCache:
+    """A slot cache whose slots 0.. hold ``rows``, written as a model's forward passes would."""
+    cache = SlotCache(slots=slots, capacity=16, device=CPU)
+    for slot, layers in enumerate(rows):
+        length = layers[0][0].shape[-2]
+        view = cache.prefill_args(slot, 1, 0, length)["cache"]
+        for index, (k, v) in enumerate(layers):
+            view.update(k, v, index)
+        cache.lengths[slot] = length
+    return cache
 
 
-def _assert_rows(cache: BatchCache, expected: list[Layers]) -> None:
+def _assert_rows(cache: SlotCache, expected: list[Layers]) -> None:
     for row, layers in enumerate(expected):
         length, got = cache.row_prefix(row)
         assert length == layers[0][0].shape[-2]
@@ -176,32 +183,63 @@ def _assert_rows(cache: BatchCache, expected: list[Layers]) -> None:
             assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
-def test_join_left_pads_select_keeps_rows_and_trims_shared_padding() -> None:
-    rows = {5: _random_layers(5, 0), 3: _random_layers(3, 1), 4: _random_layers(4, 2)}
-    batch = BatchCache.after_prefix(rows[5], 5, device=CPU)
-    for n in (3, 4):
-        batch.join(BatchCache.after_prefix(rows[n], n, device=CPU))
-    args = batch.forward_args(2)
-    assert torch.equal(args["attention_mask"], _left_padded([5, 3, 4], 5))
-    # Positions count real tokens only: a padded row sees the positions it would alone.
-    assert args["position_ids"].tolist() == [[3, 4], [1, 2], [2, 3]]
-    _assert_rows(batch, [rows[5], rows[3], rows[4]])
+def test_a_decoding_step_writes_each_row_at_its_own_length() -> None:
+    rows = [_random_layers(n, seed) for seed, n in enumerate((5, 3, 4))]
+    cache = _prefilled(rows)
+    args = cache.decode_args(3)
+    # Each row sees its own tokens and the one it writes now; positions are its own counts.
+    assert args["position_ids"].tolist() == [[5], [3], [4]]
+    assert args["attention_mask"][:, 0, 0].int().tolist() == [
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+    ]
+    new = torch.randn(3, 2, 1, 3)
+    keys, _ = args["cache"].update(new, new, 0)
+    assert keys.shape == (3, 2, 6, 3)
+    for row, length in enumerate((5, 3, 4)):
+        assert torch.equal(keys[row, :, length], new[row, :, 0])
+        assert torch.equal(keys[row, :, :length], rows[row][0][0][0])
 
-    batch.select([2, 1])  # the row of 5 leaves: one column is padding in both others
-    assert batch.rows == 2
-    assert torch.equal(batch.forward_args(1)["attention_mask"], _left_padded([4, 3], 4))
-    _assert_rows(batch, [rows[4], rows[3]])
 
-    batch.extend()
-    assert torch.equal(batch.forward_args(1)["attention_mask"], _left_padded([5, 4], 5))
+def test_a_prefill_is_causal_from_the_tokens_already_in_its_slot() -> None:
+    cache = _prefilled([_random_layers(2, 0)])
+    args = cache.prefill_args(0, 1, 2, 3)
+    assert args["position_ids"].tolist() == [[2, 3, 4]]
+    assert args["attention_mask"][0, 0].int().tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    with pytest.raises(ValueError, match="capacity"):
+        cache.prefill_args(0, 1, 2, 15)
 
 
-def test_prompts_are_left_padded_with_the_pad_token() -> None:
-    ids, batch = BatchCache.for_prompts([[7, 8, 9], [5]], pad_token_id=0, device=CPU)
-    assert ids.tolist() == [[7, 8, 9], [0, 0, 5]]
-    args = batch.forward_args(3)
-    assert args["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert args["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+def test_leaving_rows_are_replaced_by_the_last_ones_in_place() -> None:
+    rows = [_random_layers(n, seed) for seed, n in enumerate((5, 3, 4, 2))]
+    cache = _prefilled(rows)
+    order = cache.compact([0, 2, 3])  # row 1 leaves: the last row takes its slot
+    assert order == [0, 3, 2]
+    _assert_rows(cache, [rows[0], rows[3], rows[2]])
+    assert cache.compact([1]) == [1]  # only the middle row stays: it moves to slot 0
+    _assert_rows(cache, [rows[3]])
+
+
+def test_a_cached_prefix_loads_into_a_slot() -> None:
+    cache = _prefilled([_random_layers(3, 0)])
+    prefix = _random_layers(4, 9)
+    assert cache.load_prefix(2, prefix, 4)
+    length, got = cache.row_prefix(2)
+    assert length == 4 and all(
+        torch.equal(k, want_k) for (k, _), (want_k, _) in zip(got, prefix, strict=True)
+    )
+    assert not SlotCache(slots=2, capacity=8, device=CPU).load_prefix(0, prefix, 4)
+
+
+def test_groups_are_cut_to_the_prefill_budget() -> None:
+    requests = [_request(n) for n in (10, 10, 12, 30, 600)]
+    parts = within(requests, 40)
+    assert [[len(r.input_ids) for r in part] for part in parts] == [[10, 10, 12], [30], [600]]
 
 
 # -- sampler ------------------------------------------------------------------------------

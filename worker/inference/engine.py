@@ -48,6 +48,7 @@ class Engine:
         loaded: LoadedModel,
         *,
         max_batch: int = 16,
+        prefill_tokens: int = 512,
         on_step: Callable[[StepStats], None] | None = None,
         prefix_cache_bytes: int = 0,
     ) -> None:
@@ -74,6 +75,8 @@ class Engine:
                 self._stop_ids, self._wrote_role_marker if self._text_markers else None
             ),
             max_batch=max_batch,
+            capacity=loaded.max_context_tokens,
+            prefill_tokens=prefill_tokens,
             on_step=on_step,
             prefix_cache=PrefixCache(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None,
         )

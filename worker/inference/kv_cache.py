@@ -1,133 +1,237 @@
-"""The keys and values of a batch's rows, with their attention mask and positions.
+"""The keys and values of every turn in flight, in one cache allocated once per worker.
 
-Rows are left padded to a common width: a row's real tokens are its last columns, the mask
-says which columns are real, and positions count real tokens only, so a padded row sees the
-positions (and computes the keys, values and logits) it would alone. A prefilled group is one
-`BatchCache`; the running batch is another, which groups join and finished rows leave.
+Each layer's keys and values live in a tensor [slots, heads, capacity, head_dim] allocated on
+the first forward pass (shapes and dtype from the model's own key states, so any architecture
+fits) and never again: a turn owns a slot, its tokens are columns 0..length-1 of it, and
+joining, stepping and leaving write in place. The running batch is slots 0..n-1, so a decoding
+step reads one view of the first n slots; a turn that leaves is replaced by the last one (a
+copy of one row), and nothing is concatenated per step.
 
-This module alone knows how the cache is stored (a transformers DynamicCache of per-layer
-tensors [batch, heads, length, head_dim]); the model runner only hands `forward_args` to the
-model and the output's cache back to `update`.
+Rows have their own lengths: a decoding step writes each row's new token at its own column
+and the attention mask (4D, handed to the model as is) hides the columns past a row's length.
+Positions are a row's own token count, so a row computes the keys, values and logits it would
+alone. The last slot is a staging slot, where a prompt too long for one step's prefill budget
+is prefilled chunk by chunk between decoding steps, then moved into the batch.
+
+This module alone knows how the cache is stored; the model runner hands `SlotCache.forward_args`
+to the model. The per-layer objects are transformers cache layers, so the model's own attention
+(SDPA, eager, ...) reads them as it reads its own caches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 from worker.inference.prefix_cache import Layers
 
+# Columns zeroed at a time as turns grow (see SlotCache._clean).
+_ZERO_COLUMNS = 64
 
-class BatchCache:
-    def __init__(self, cache: Any, mask: torch.Tensor) -> None:
-        # A transformers DynamicCache (typed Any: its layer classes are partly annotated).
-        self._cache = cache
-        self._mask = mask  # [rows, width], 1 for a real token, 0 for left padding
 
-    @classmethod
-    def for_prompts(
-        cls, prompts: Sequence[Sequence[int]], *, pad_token_id: int, device: torch.device
-    ) -> tuple[torch.Tensor, BatchCache]:
-        """The prompts' input ids left padded to the longest, and an empty cache for them."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        return ids.to(device), cls(DynamicCache(), mask.to(device))
-
-    @classmethod
-    def after_prefix(cls, layers: Layers, total: int, *, device: torch.device) -> BatchCache:
-        """One row holding a cached prefix (``layers``) of a prompt of ``total`` tokens, the
-        rest of which is to be run through the model."""
-        mask = torch.ones((1, total), dtype=torch.long, device=device)
-        return cls(DynamicCache(layers), mask)
+class SlotCache:
+    def __init__(self, *, slots: int, capacity: int, device: torch.device) -> None:
+        self.slots = slots  # the batch's slots, then one staging slot
+        self.capacity = capacity  # tokens a slot holds: the model's context window
+        self.device = device
+        self.lengths = [0] * (slots + 1)
+        self._keys: list[torch.Tensor] = []  # per layer [slots + 1, heads, capacity, head_dim]
+        self._values: list[torch.Tensor] = []
+        # Columns 0..clean-1 of every slot hold numbers. Masked columns are still multiplied
+        # (by a weight of 0) in attention, and 0 x NaN is NaN, so a column is zeroed before it
+        # is first read; the buffers are not zeroed whole, so memory is touched only as far as
+        # the longest turn has reached.
+        self._clean = 0
 
     @property
-    def rows(self) -> int:
-        return int(self._mask.shape[0])
+    def staging(self) -> int:
+        return self.slots
 
-    def forward_args(self, new_tokens: int) -> dict[str, Any]:
-        """The model's arguments beside input_ids for the last ``new_tokens`` columns."""
+    # -- forward passes --------------------------------------------------------------------
+
+    def decode_args(self, rows: int) -> dict[str, Any]:
+        """Arguments for one new token in each of slots 0..rows-1, written at its own column."""
+        lengths = torch.tensor(self.lengths[:rows], device=self.device)
+        width = max(self.lengths[:rows]) + 1
+        self._zero_up_to(width)
+        columns = torch.arange(width, device=self.device)
+        # Row r sees its `lengths[r]` cached tokens and the one it is writing now.
+        mask = (columns[None, :] <= lengths[:, None])[:, None, None, :]
+        write = _Write(self, torch.arange(rows, device=self.device), lengths, slice(0, rows), width)
         return {
-            "attention_mask": self._mask,
-            "position_ids": _positions(self._mask)[:, -new_tokens:],
-            "past_key_values": self._cache,
+            "attention_mask": mask,
+            "position_ids": lengths[:, None],
+            "cache": _CacheView(write, self._layer_count()),
         }
 
-    def update(self, cache: Any) -> None:
-        """Take the cache a forward pass returned (the old one grown by its new tokens)."""
-        self._cache = cache
+    def prefill_args(self, first: int, rows: int, start: int, tokens: int) -> dict[str, Any]:
+        """Arguments for ``tokens`` new columns (right padded) in slots first..first+rows-1,
+        written from column ``start``, where each of those slots already holds ``start``."""
+        if start + tokens > self.capacity:
+            raise ValueError(f"{start + tokens} tokens exceed the slot capacity {self.capacity}")
+        self._zero_up_to(start + tokens)
+        new = torch.arange(start, start + tokens, device=self.device)
+        columns = torch.arange(start + tokens, device=self.device)
+        mask = (columns[None, :] <= new[:, None])[None, None, :, :]  # causal, from `start`
+        slots = slice(first, first + rows)
+        write = _Write(self, slots, start, slots, start + tokens)
+        return {
+            "attention_mask": mask,
+            "position_ids": new[None, :].expand(rows, -1),
+            "cache": _CacheView(write, self._layer_count()),
+        }
 
-    def extend(self) -> None:
-        """Add a column for one more token in every row (the one the next step feeds)."""
-        self._mask = torch.cat([self._mask, self._mask.new_ones((self.rows, 1))], dim=1)
+    def _zero_up_to(self, width: int) -> None:
+        if width <= self._clean:
+            return
+        width = min(self.capacity, max(width, self._clean + _ZERO_COLUMNS))
+        for buffer in (*self._keys, *self._values):
+            buffer[:, :, self._clean : width] = 0
+        self._clean = width
 
-    def join(self, other: BatchCache) -> None:
-        """Append ``other``'s rows, left-padding whichever side is shorter."""
-        width = max(self._mask.shape[1], other._mask.shape[1])
-        self._cache = DynamicCache(
-            [
-                (
-                    torch.cat([_pad_left(old_k, width), _pad_left(new_k, width)]),
-                    torch.cat([_pad_left(old_v, width), _pad_left(new_v, width)]),
-                )
-                for (old_k, old_v), (new_k, new_v) in zip(
-                    _layers(self._cache), _layers(other._cache), strict=True
-                )
-            ]
-        )
-        self._mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(other._mask, width)])
+    def _layer_count(self) -> int | None:
+        return len(self._keys) or None
 
-    def select(self, rows: list[int]) -> None:
-        """Keep only ``rows``, in that order, then drop the padding they all share."""
-        index = torch.tensor(rows, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        self._trim_common_padding()
+    def _allocate(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The layer's buffers, shaped by its first key and value states."""
+        assert layer == len(self._keys), "layers are allocated in order on the first pass"
+        _, heads, _, key_dim = keys.shape
+        shape = (self.slots + 1, heads, self.capacity, key_dim)
+        value_shape = (self.slots + 1, heads, self.capacity, values.shape[-1])
+        for buffers, buffer in (
+            (self._keys, torch.empty(shape, dtype=keys.dtype, device=keys.device)),
+            (self._values, torch.empty(value_shape, dtype=values.dtype, device=values.device)),
+        ):
+            buffer[:, :, : self._clean] = 0
+            buffers.append(buffer)
 
-    def row_prefix(self, row: int) -> tuple[int, Layers]:
-        """A row's real tokens: how many, and copies of their keys and values (batch of one),
-        to outlive the batch in the prefix cache."""
-        length = int(self._mask[row].sum())
+    # -- rows ------------------------------------------------------------------------------
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source``'s tokens into slot ``target`` (which becomes its row)."""
+        length = self.lengths[source]
+        for buffers in (self._keys, self._values):
+            for layer in buffers:
+                layer[target, :, :length] = layer[source, :, :length]
+        self.lengths[target] = length
+
+    def compact(self, keep: list[int]) -> list[int]:
+        """Keep the rows ``keep`` of slots 0..n-1 as slots 0..len(keep)-1: each hole left by a
+        row that goes is filled by a kept row from past the end. Returns the old row of each
+        new row, in order."""
+        kept = len(keep)
+        order = list(range(kept))
+        staying = set(keep)
+        holes = [row for row in range(kept) if row not in staying]
+        movers = [row for row in keep if row >= kept]
+        for hole, mover in zip(holes, movers, strict=True):
+            self.move(mover, hole)
+            order[hole] = mover
+        return order
+
+    def row_prefix(self, slot: int) -> tuple[int, Layers]:
+        """A slot's tokens: how many, and copies of their keys and values (batch of one), to
+        outlive the turn in the prefix cache."""
+        length = self.lengths[slot]
         layers = [
-            (k[row : row + 1, :, -length:].clone(), v[row : row + 1, :, -length:].clone())
-            for k, v in _layers(self._cache)
+            (k[slot : slot + 1, :, :length].clone(), v[slot : slot + 1, :, :length].clone())
+            for k, v in zip(self._keys, self._values, strict=True)
         ]
         return length, layers
 
-    def _trim_common_padding(self) -> None:
-        """Drop left columns that are padding in every row, so the cache does not only grow."""
-        first = int(self._mask.any(dim=0).int().argmax())
-        if first == 0:
-            return
-        self._mask = self._mask[:, first:]
-        self._cache = DynamicCache(
-            [(k[:, :, first:], v[:, :, first:]) for k, v in _layers(self._cache)]
-        )
+    def load_prefix(self, slot: int, layers: Layers, length: int) -> bool:
+        """Write a cached prefix of ``length`` tokens into ``slot``; False when the buffers do
+        not exist yet (no forward pass has run: the prefix is prefilled instead)."""
+        if len(self._keys) != len(layers):
+            return False
+        for (k, v), key_buffer, value_buffer in zip(layers, self._keys, self._values, strict=True):
+            key_buffer[slot, :, :length] = k[0, :, :length]
+            value_buffer[slot, :, :length] = v[0, :, :length]
+        self.lengths[slot] = length
+        return True
 
 
-def _layers(cache: Any) -> Layers:
-    """Each layer's key and value states, [batch, heads, length, head_dim]."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+class _Write:
+    """Where one forward pass writes its new keys and values, and what it reads back."""
+
+    def __init__(
+        self,
+        cache: SlotCache,
+        rows: torch.Tensor | slice,
+        columns: torch.Tensor | int,
+        read: slice,
+        width: int,
+    ) -> None:
+        self.cache = cache
+        self.rows = rows  # decode: each row's slot; prefill: the slots' range
+        self.columns = columns  # decode: each row's column; prefill: the first new column
+        self.read = read  # the slots attention reads, columns 0..width-1
+        self.width = width
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        if layer == len(cache._keys):
+            cache._allocate(layer, keys, values)
+        key_buffer, value_buffer = cache._keys[layer], cache._values[layer]
+        if isinstance(self.columns, int):
+            end = self.columns + keys.shape[2]
+            key_buffer[self.rows, :, self.columns : end] = keys
+            value_buffer[self.rows, :, self.columns : end] = values
+        else:
+            key_buffer[self.rows, :, self.columns] = keys[:, :, 0]
+            value_buffer[self.rows, :, self.columns] = values[:, :, 0]
+        return key_buffer[self.read, :, : self.width], value_buffer[self.read, :, : self.width]
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    # Absolute positions count real tokens only, so a left-padded row sees the positions it
-    # would see alone.
-    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+# transformers' cache classes are unannotated: subclassing and initialising them is untyped.
+class _SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
+    """One layer's view of the slot cache for one forward pass."""
+
+    def __init__(self, write: _Write, layer: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._write = write
+        self._layer = layer
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the slot cache allocates its buffers on the first write
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._write.update(self._layer, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._write.width, 0
+
+    def get_seq_length(self) -> int:
+        return self._write.width
+
+    def get_max_length(self) -> int:
+        return self._write.cache.capacity
 
 
-def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - states.shape[-2]
-    return states if missing == 0 else F.pad(states, (0, 0, missing, 0))
+class _CacheView(Cache):
+    """The transformers Cache a forward pass is handed: its layers write into the slots."""
 
+    def __init__(self, write: _Write, layers: int | None) -> None:
+        # Before the first pass the layer count is unknown: layers are added as the model
+        # reaches them (a layer index past the list adds the next one).
+        super().__init__(layers=[_SlotLayer(write, i) for i in range(layers or 0)])
+        self._write_target = write
 
-def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else F.pad(mask, (missing, 0))
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(_SlotLayer(self._write_target, len(self.layers)))
+        return self._write_target.update(layer_idx, key_states, value_states)

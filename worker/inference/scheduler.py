@@ -27,8 +27,11 @@ class PrefillGroup:
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, prefix_cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self, *, max_batch: int, prefill_tokens: int, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
         self._prefix_cache = prefix_cache
         # None wakes a loop waiting in `schedule` (to stop).
         self._waiting: queue.SimpleQueue[GenerationRequest | None] = queue.SimpleQueue()
@@ -40,14 +43,15 @@ class Scheduler:
         self._waiting.put(None)
 
     def schedule(self, running: int) -> list[PrefillGroup]:
-        """Admit waiting requests beside ``running`` ones, grouped for prefill; with none
-        running, wait for one (or a `wake`). Requests with a cached prefix come first, in
-        arrival order, then the groups of the others, shortest prompts first."""
+        """Admit waiting requests beside ``running`` ones (in the batch or still to be
+        prefilled), grouped for prefill; with none, wait for one (or a `wake`). Requests
+        with a cached prefix come first, in arrival order, then the groups of the others,
+        shortest prompts first."""
         admitted = self._take(running)
         warm: list[PrefillGroup] = []
         cold: list[GenerationRequest] = []
         for request in admitted:
-            if _ends_before_start(request):
+            if ended_before_start(request):
                 continue
             request.start()
             hit = self._cached_prefix(request)
@@ -55,7 +59,10 @@ class Scheduler:
                 cold.append(request)
             else:
                 warm.append(PrefillGroup([request], hit))
-        return warm + [PrefillGroup(group) for group in similar_lengths(cold)]
+        groups = similar_lengths(cold)
+        return warm + [
+            PrefillGroup(part) for group in groups for part in within(group, self.prefill_tokens)
+        ]
 
     def drain(self) -> list[GenerationRequest]:
         """Take every waiting request off the queue (when the loop stops)."""
@@ -92,7 +99,9 @@ class Scheduler:
         return self._prefix_cache.lookup(request.prefix_key, request.input_ids)
 
 
-def _ends_before_start(request: GenerationRequest) -> bool:
+def ended_before_start(request: GenerationRequest) -> bool:
+    """End a request cancelled or past its time cap before it was prefilled; say whether it
+    has ended."""
     if request.cancelled:
         request.finish("cancelled")
     elif request.expired(time.monotonic()):
@@ -110,3 +119,16 @@ def similar_lengths(requests: list[GenerationRequest]) -> list[list[GenerationRe
         else:
             groups.append([request])
     return groups
+
+
+def within(group: list[GenerationRequest], tokens: int) -> list[list[GenerationRequest]]:
+    """``group`` (shortest prompts first) cut into parts of at most ``tokens`` padded prompt
+    tokens each; a prompt longer than that is a part of its own."""
+    parts: list[list[GenerationRequest]] = []
+    for request in group:
+        width = len(request.input_ids)  # the longest of its part so far
+        if parts and (len(parts[-1]) + 1) * width <= tokens:
+            parts[-1].append(request)
+        else:
+            parts.append([request])
+    return parts

@@ -53,6 +53,7 @@ def start_runtime() -> Runtime:
             engine=Engine(
                 model,
                 max_batch=settings.worker_max_batch,
+                prefill_tokens=settings.worker_prefill_tokens,
                 on_step=observe_step,
                 prefix_cache_bytes=settings.worker_prefix_cache_mb * 2**20,
             ),
