@@ -62,6 +62,7 @@ def run_engine_alone(name: str) -> EngineRun:
                 message=message,
                 max_context_tokens=loaded.max_context_tokens,
                 max_new_tokens=new_tokens,
+                last_turn=engine.last_turn(f"c{index}"),
             )
             started = time.perf_counter()
             result = engine.generate(

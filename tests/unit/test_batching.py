@@ -231,20 +231,33 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
     loaded: LoadedModel,
 ) -> None:
     """Turn after turn of one conversation: the next prompt starts with the previous prompt
-    and reply, so only the rest is prefilled; greedy output is what a cold engine gives."""
+    and the ids the model generated, so the cached prefix matches through the last reply and
+    only the rest is prefilled; greedy output is what a cold engine gives on that prompt."""
     warm = Engine(loaded, max_batch=4, prefix_cache_bytes=64 * 2**20)
     cold = Engine(loaded, max_batch=4)
     history: list[ChatMessage] = []
+    spliced = 0
     for turn in range(6):
         message = f"Turn {turn}: and what happened next?"
-        prompt = build_prompt(
-            loaded.tokenizer,
-            system_prompt="Be brief.",
-            history=history,
-            message=message,
-            max_context_tokens=loaded.max_context_tokens,
-            max_new_tokens=24,
-        )
+        window = {
+            "system_prompt": "Be brief.",
+            "history": history,
+            "message": message,
+            "max_context_tokens": loaded.max_context_tokens,
+            "max_new_tokens": 24,
+        }
+        last = warm.last_turn("conv_1")
+        prompt = build_prompt(loaded.tokenizer, **window, last_turn=last)
+        if last is not None:
+            # The whole last turn, reply included, is a prefix of this one, and in the cache
+            # (but the last token sampled, which was never run through the model).
+            assert prompt.input_ids[: len(last.ids)] == last.ids
+            cache = warm.prefix_cache
+            assert cache is not None
+            hit = cache.lookup("conv_1", prompt.input_ids)
+            assert hit is not None and hit.shared >= len(last.ids) - 1
+            plain = build_prompt(loaded.tokenizer, **window)
+            spliced += plain.input_ids != prompt.input_ids
         params = GenerationParams(max_new_tokens=24)
         reused = warm.generate(prompt, params, prefix_key="conv_1")
         fresh = cold.generate(prompt, params)
@@ -254,6 +267,8 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
             ChatMessage(role="user", content=message),
             ChatMessage(role="assistant", content=reused.text),
         ]
+    # The random model's replies re-encode to other ids: reuse needed the generated ones.
+    assert spliced > 0
     cache = warm.prefix_cache
     assert cache is not None
     assert cache.hits >= 4, (cache.hits, cache.misses)

@@ -13,6 +13,7 @@ from worker.inference.model_init import build_model
 from worker.inference.prompt import (
     Prompt,
     PromptTooLong,
+    Transcript,
     build_prompt,
     render_chat,
 )
@@ -213,3 +214,94 @@ def test_max_new_tokens_must_be_positive(tokenizer: Any) -> None:
             max_context_tokens=64,
             max_new_tokens=0,
         )
+
+
+# -- the last turn's ids ------------------------------------------------------------------
+
+
+def _next_turn(
+    tokenizer: Any,
+    reply: str,
+    last: Transcript | None,
+    *,
+    earlier: list[ChatMessage] | None = None,
+    max_context_tokens: int = 1024,
+) -> Prompt:
+    history = [*(earlier or []), ChatMessage(role="user", content="Hi")]
+    return build_prompt(
+        tokenizer,
+        system_prompt=None,
+        history=[*history, ChatMessage(role="assistant", content=reply)],
+        message="And then?",
+        max_context_tokens=max_context_tokens,
+        max_new_tokens=16,
+        last_turn=last,
+    )
+
+
+def _generated(
+    tokenizer: Any, raw_reply: str, earlier: list[ChatMessage] | None = None
+) -> tuple[Prompt, Transcript]:
+    """A turn ("Hi" after ``earlier``) whose reply the model wrote a character a token (ids
+    a re-encoding of the stored reply would not give)."""
+    first = build_prompt(
+        tokenizer,
+        system_prompt=None,
+        history=earlier or [],
+        message="Hi",
+        max_context_tokens=1024,
+        max_new_tokens=16,
+    )
+    reply_ids = [i for ch in raw_reply for i in tokenizer.encode(ch, add_special_tokens=False)]
+    stored = raw_reply.strip()
+    return first, Transcript(first.text, first.input_ids + reply_ids, stored)
+
+
+@pytest.mark.parametrize("templated", [True, False], ids=["chat template", "fallback"])
+def test_the_next_turn_starts_with_the_last_turns_own_ids(
+    tokenizer: Any, plain_tokenizer: Any, templated: bool
+) -> None:
+    tok = tokenizer if templated else plain_tokenizer
+    # The fallback template cues "Assistant:" and renders "Assistant: reply": the space the
+    # model generated, stripped from the stored reply, is the one the template writes.
+    _, last = _generated(tok, "Hello there" if templated else " Hello there")
+    reused = _next_turn(tok, last.reply, last)
+    plain = _next_turn(tok, last.reply, None)
+    assert reused.input_ids[: len(last.ids)] == last.ids
+    assert plain.input_ids[: len(last.ids)] != last.ids  # re-encoded, the reply's ids differ
+    # The ids stand for the same text, and the rest is the same encoding of it.
+    assert tok.decode(reused.input_ids) == tok.decode(plain.input_ids) == reused.text
+    assert reused.text == plain.text
+
+
+def test_the_last_turns_ids_are_not_reused_where_the_prompt_does_not_hold_it(
+    tokenizer: Any,
+) -> None:
+    _, last = _generated(tokenizer, "Hello there")
+    # The stored reply is not the one generated (edited, or cut at a role marker).
+    assert _next_turn(tokenizer, "Hello", last) == _next_turn(tokenizer, "Hello", None)
+    # The window dropped the start of the last turn's prompt: it is not this one's prefix.
+    earlier = _conversation(4)
+    _, long_last = _generated(tokenizer, "Hello there", earlier)
+    whole = _next_turn(tokenizer, long_last.reply, long_last, earlier=earlier)
+    assert whole.input_ids[: len(long_last.ids)] == long_last.ids
+    plain = _next_turn(tokenizer, long_last.reply, None, earlier=earlier)
+    # One token short of either encoding of the whole history: the oldest turn goes.
+    window = min(len(whole.input_ids), len(plain.input_ids)) + 16 - 1
+    cut = _next_turn(
+        tokenizer, long_last.reply, long_last, earlier=earlier, max_context_tokens=window
+    )
+    assert cut.context_messages < whole.context_messages
+    assert cut == _next_turn(
+        tokenizer, long_last.reply, None, earlier=earlier, max_context_tokens=window
+    )
+    # Where the reused ids do not fit but the text's own encoding does, the window keeps
+    # what it would keep without them.
+    assert len(whole.input_ids) > len(plain.input_ids)
+    snug = len(plain.input_ids) + 16
+    assert _next_turn(
+        tokenizer, long_last.reply, long_last, earlier=earlier, max_context_tokens=snug
+    ) == _next_turn(tokenizer, long_last.reply, None, earlier=earlier, max_context_tokens=snug)
+    # A last turn whose prompt was other text is not reused.
+    other = Transcript(last.prompt_text + " ", last.ids, last.reply)
+    assert _next_turn(tokenizer, last.reply, other) == _next_turn(tokenizer, last.reply, None)

@@ -20,7 +20,7 @@ from worker.inference.engine_types import (
 )
 from worker.inference.loader import LoadedModel
 from worker.inference.prefix_cache import PrefixCache
-from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt
+from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt, Transcript
 from worker.inference.request import GenerationRequest, RequestStatus
 from worker.inference.stopping import StopRules
 
@@ -91,6 +91,10 @@ class Engine:
         """The conversations' kept caches (None when prefix_cache_bytes is 0)."""
         return self._loop.prefix_cache
 
+    def last_turn(self, prefix_key: str) -> Transcript | None:
+        """The conversation's last turn here, as generated (for its next prompt's ids)."""
+        return None if self.prefix_cache is None else self.prefix_cache.last_turn(prefix_key)
+
     def generate(
         self,
         prompt: Prompt,
@@ -130,6 +134,8 @@ class Engine:
         reason = request.finish_reason
         if stopped and reason in ("length", "time"):
             reason = "stop"
+        if prefix_key is not None and reason != "cancelled":
+            self._remember(prefix_key, prompt, request, text)
         first = request.first_token_at
         return GenerationResult(
             text,
@@ -138,6 +144,19 @@ class Engine:
             reason,
             None if first is None else first - request.submitted_at,
         )
+
+    def _remember(
+        self, prefix_key: str, prompt: Prompt, request: GenerationRequest, text: str
+    ) -> None:
+        """Keep the turn's ids for the next, where the stored reply is all it generated (not
+        cut at a role marker)."""
+        cache = self.prefix_cache
+        if cache is None or not prompt.text:
+            return
+        kept = reply_ids(request.generated, self._stop_ids)
+        if _storable(self.loaded.tokenizer.decode(kept, skip_special_tokens=True)) != text:
+            return
+        cache.remember(prefix_key, Transcript(prompt.text, prompt.input_ids + kept, text))
 
     def _wrote_role_marker(self, request: GenerationRequest) -> bool:
         tail = self.loaded.tokenizer.decode(request.generated[-_MARKER_WINDOW_TOKENS:])
@@ -156,15 +175,20 @@ def decode_reply(
     The reply ends before the first stop token (eos or another special token such as a role
     marker) and before the first text role marker, whichever comes first.
     """
-    stop_at = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
-    kept = new_ids if stop_at is None else new_ids[:stop_at]
+    kept = reply_ids(new_ids, stop_ids)
     # The tokenizer's decoder replaces bytes that do not form valid UTF-8 (a character cut off
     # by max_new_tokens, or a random model's byte salad) with U+FFFD.
-    text: str = tokenizer.decode(list(kept), skip_special_tokens=True)
+    text: str = tokenizer.decode(kept, skip_special_tokens=True)
     marker_at = min((i for i in map(text.find, text_markers) if i >= 0), default=None)
     if marker_at is not None:
         text = text[:marker_at]
-    return _storable(text), stop_at is not None or marker_at is not None
+    return _storable(text), len(kept) < len(new_ids) or marker_at is not None
+
+
+def reply_ids(new_ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
+    """The generated ids before the first stop token."""
+    stop_at = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
+    return list(new_ids[:stop_at])
 
 
 def _storable(text: str) -> str:

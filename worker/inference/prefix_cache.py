@@ -5,16 +5,20 @@ was already run through the model when the previous turn was generated. The engi
 keeps each finished turn's cache, keyed by conversation, and the next turn prefills only what
 follows the longest common prefix of token ids. Least recently used entries are dropped to
 stay within a memory budget. A turn that lands on another worker, or whose window dropped
-old turns, misses and is prefilled whole: the result is the same, only slower.
+old turns, misses and is prefilled whole. Beside its keys and values an entry keeps the turn's
+`Transcript` (its prompt and generated ids), from which the next prompt is built with the same
+ids (prompt.py), so that the prefix matches through the last reply.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from worker.inference.prompt import Transcript
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,6 +31,7 @@ class _Entry:
     ids: list[int]
     layers: Layers  # per layer (keys, values), [1, heads, len(ids), head_dim]
     size: int
+    transcript: Transcript | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,19 @@ class PrefixCache:
             while self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.size
+
+
+    def remember(self, key: str, transcript: Transcript) -> None:
+        """Keep the turn ``transcript`` beside the keys and values stored for it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and transcript.ids[: len(entry.ids)] == entry.ids:
+                self._entries[key] = replace(entry, transcript=transcript)
+
+    def last_turn(self, key: str) -> Transcript | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        return None if entry is None else entry.transcript
 
 
 def _common_prefix(a: list[int], b: list[int], *, limit: int) -> int:

@@ -3,6 +3,15 @@
 Pure functions over a tokenizer; no torch. The window rule is the API's promise: the system
 prompt and the new user message are always in the prompt, and the oldest earlier turns are
 dropped first, a whole turn at a time, until the prompt leaves room for the reply.
+
+A conversation's next turn on the same worker reuses the token ids of its last one (a
+`Transcript`: that turn's prompt and the ids the model generated), not ids re-encoded from the
+stored reply text: decoding and encoding again need not give the same ids (a byte-level BPE
+merges the model's tokens its own way), and the next turn's prefix would then match the cached
+keys and values only up to the last reply. The ids are spliced in only where the text they
+stand for is the text the prompt renders (up to the whitespace the stored reply was stripped
+of); elsewhere, as on a worker that did not generate the last turn, the prompt is encoded from
+its text.
 """
 
 from __future__ import annotations
@@ -43,6 +52,20 @@ class ChatMessage(Protocol):
 class Prompt:
     input_ids: list[int]
     context_messages: int  # how many of `history` made it into the prompt
+    text: str = ""  # the rendered prompt the ids stand for ("" for ids given as they are)
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A conversation's last turn as the model saw and wrote it."""
+
+    prompt_text: str  # its rendered prompt
+    ids: list[int]  # its prompt's ids, then those of the reply it generated (no stop token)
+    reply: str  # the reply as stored (and so as the next turn's history holds it)
+
+
+# Stands in for the last reply's content while the template renders, to find where it goes.
+_REPLY_PLACEHOLDER = "\ue000parley-reply\ue000"
 
 
 class PromptTooLong(Exception):
@@ -76,46 +99,78 @@ def build_prompt(
     message: str,
     max_context_tokens: int,
     max_new_tokens: int,
+    last_turn: Transcript | None = None,
 ) -> Prompt:
-    """Build the longest prompt that keeps the newest turns and leaves ``max_new_tokens`` free."""
+    """Build the longest prompt that keeps the newest turns and leaves ``max_new_tokens`` free.
+    ``last_turn``: the conversation's last turn as generated, whose ids are reused where the
+    prompt still holds it whole."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     budget = max_context_tokens - max_new_tokens
 
-    def encode_from(start: int) -> list[int]:
+    def encode_from(start: int) -> tuple[list[int], str]:
         messages: list[dict[str, str]] = []
         if system_prompt:
             messages.append({"role": "system", "content": system_prompt})
         messages.extend({"role": m.role, "content": m.content} for m in history[start:])
         messages.append({"role": "user", "content": message})
-        # The template already wrote any BOS or role tokens the model needs; letting the
-        # tokenizer add its own would duplicate them.
-        ids: list[int] = tokenizer.encode(
-            render_chat(tokenizer, messages), add_special_tokens=False
-        )
-        return ids
+        text = render_chat(tokenizer, messages)
+        reused = _reusing_last_turn(tokenizer, messages, last_turn)
+        # Reused ids may number more than the text's own encoding: where they do not fit, the
+        # window is what it would be without them.
+        if reused is not None and len(reused) <= budget:
+            return reused, text
+        return _encode(tokenizer, text), text
 
     starts = _turn_starts(history)
     # Tokenizing the exact rendered text (rather than summing per-message counts) is what makes
     # the count right for every template; a binary search over the allowed starting points keeps
     # that to O(log turns) tokenizations. Most prompts fit whole, so that is tried first.
-    ids = encode_from(starts[0])
+    ids, text = encode_from(starts[0])
     if len(ids) <= budget:
-        return Prompt(input_ids=ids, context_messages=len(history) - starts[0])
-    shortest = encode_from(starts[-1]) if len(starts) > 1 else ids
-    if len(shortest) > budget:
-        raise PromptTooLong(prompt_tokens=len(shortest), budget=max(budget, 0))
+        return Prompt(input_ids=ids, context_messages=len(history) - starts[0], text=text)
+    shortest = encode_from(starts[-1]) if len(starts) > 1 else (ids, text)
+    if len(shortest[0]) > budget:
+        raise PromptTooLong(prompt_tokens=len(shortest[0]), budget=max(budget, 0))
 
     # Invariant: starts[too_long] does not fit, starts[fits] does (and `best` is its prompt).
     too_long, fits, best = 0, len(starts) - 1, shortest
     while fits - too_long > 1:
         middle = (too_long + fits) // 2
-        ids = encode_from(starts[middle])
-        if len(ids) <= budget:
-            fits, best = middle, ids
+        candidate = encode_from(starts[middle])
+        if len(candidate[0]) <= budget:
+            fits, best = middle, candidate
         else:
             too_long = middle
-    return Prompt(input_ids=best, context_messages=len(history) - starts[fits])
+    return Prompt(input_ids=best[0], context_messages=len(history) - starts[fits], text=best[1])
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # The template already wrote any BOS or role tokens the model needs; letting the
+    # tokenizer add its own would duplicate them.
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
+def _reusing_last_turn(
+    tokenizer: Any, messages: list[dict[str, str]], last_turn: Transcript | None
+) -> list[int] | None:
+    """The last turn's ids, then those of the text rendered after its reply, where ``messages``
+    hold that turn whole (its prompt as it was, then its reply as stored); else None."""
+    if last_turn is None or len(messages) < 2:
+        return None
+    reply = messages[-2]
+    if reply["role"] != "assistant" or reply["content"] != last_turn.reply:
+        return None
+    marked = [*messages[:-2], {**reply, "content": _REPLY_PLACEHOLDER}, messages[-1]]
+    before, found, after = render_chat(tokenizer, marked).partition(_REPLY_PLACEHOLDER)
+    if not found or _REPLY_PLACEHOLDER in after:
+        return None
+    # The generated ids may begin with whitespace the stored reply was stripped of (a
+    # template that cues "Assistant:" renders "Assistant: " before the stored reply).
+    if not before.startswith(last_turn.prompt_text) or before[len(last_turn.prompt_text) :].strip():
+        return None
+    return last_turn.ids + _encode(tokenizer, after)
 
 
 def _turn_starts(history: Sequence[ChatMessage]) -> list[int]:

@@ -145,6 +145,7 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
             message=turn.message,
             max_context_tokens=runtime.model.max_context_tokens,
             max_new_tokens=turn.params.max_new_tokens,
+            last_turn=runtime.engine.last_turn(turn.conversation_id),
         )
     except PromptTooLong as exc:
         raise TurnFailed(
