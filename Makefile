@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.b1_submit
 	$(BIN)/python -m bench.b2_turn_overhead
 	$(BIN)/python -m bench.b3_model_throughput
+	$(BIN)/python -m bench.b4_long_conversation
+	$(BIN)/python -m bench.prefill_stall
 	$(BIN)/python -m bench.b5_transcripts
 
 clean:

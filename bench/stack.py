@@ -23,6 +23,7 @@ from app.config import next_redis_database
 from app.dev.postgres import create_database
 from app.dev.stack import ROOT, Process, Stack, ensure_model, free_port
 from app.migrate import upgrade_database
+from worker.inference.model_init import build_model
 
 MODELS = ROOT / ".parley" / "bench" / "models"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -40,6 +41,14 @@ def bench_database(name: str, *, fresh: bool) -> str:
     return create_database(server, name, drop_existing=fresh)
 
 
+def long_model_dir(context_tokens: int = 4096) -> Path:
+    """The small model with a chat model's context window (GPT-2's is 1,024), built once."""
+    directory = MODELS / f"small-{context_tokens}"
+    if not (directory / "config.json").exists():
+        build_model(directory, size="small", context_tokens=context_tokens)
+    return directory.resolve()
+
+
 class BenchStack:
     """`with BenchStack("b2", model="tiny") as stack:` the service is up at `stack.base_url`,
     with `stack.admin_key`. `database_url`: serve that database as it is (no migration)."""
@@ -48,7 +57,7 @@ class BenchStack:
         self,
         name: str,
         *,
-        model: str | None,
+        model: str | Path | None,
         workers: bool = True,
         database_url: str | None = None,
         **settings: str,
@@ -63,7 +72,8 @@ class BenchStack:
             "LOG_LEVEL": "WARNING",
             **settings,
         }
-        self.model = None if model is None else model_dir(model)
+        # A size name (the benchmarks' shared models) or a model's folder.
+        self.model = model_dir(model) if isinstance(model, str) else model
         if self.model is not None:
             self.env["MODEL_ID"] = str(self.model)
         self.port = free_port()

@@ -81,6 +81,10 @@ class Engine:
             prefix_cache=PrefixCache(max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None,
         )
 
+    def close(self) -> None:
+        """Stop the engine's loop; turns still in flight fail."""
+        self._loop.stop()
+
     @property
     def running(self) -> int:
         """How many requests are in the batch now (for the metrics)."""

@@ -70,16 +70,19 @@ SHAPES: dict[str, _Shape] = {
 N_POSITIONS = 1024
 
 
-def build_model(directory: Path, *, size: ModelSize, seed: int = 0) -> Path:
-    """Write a tokenizer and randomly initialised GPT-2 of the given size into ``directory``."""
+def build_model(
+    directory: Path, *, size: ModelSize, seed: int = 0, context_tokens: int = N_POSITIONS
+) -> Path:
+    """Write a tokenizer and randomly initialised GPT-2 of the given size into ``directory``,
+    with a context window of ``context_tokens``."""
     if size not in SHAPES:
         raise ValueError(f"unknown model size {size!r}; expected one of {sorted(SHAPES)}")
     shape = SHAPES[size]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(shape.vocab_size)
-    model = _build_weights(shape, tokenizer, seed=seed)
+    tokenizer = _build_tokenizer(shape.vocab_size, context_tokens)
+    model = _build_weights(shape, tokenizer, seed=seed, context_tokens=context_tokens)
     with quiet_progress_bars():
         tokenizer.save_pretrained(directory)
         model.save_pretrained(directory)  # safetensors: the only format transformers 5 writes
@@ -90,7 +93,7 @@ def build_model(directory: Path, *, size: ModelSize, seed: int = 0) -> Path:
     return directory
 
 
-def _build_tokenizer(vocab_size: int) -> Any:
+def _build_tokenizer(vocab_size: int, context_tokens: int) -> Any:
     # BPE training is deterministic (merges ordered by count, then by pair), so the tokenizer
     # needs no seed: the same corpus always yields the same vocabulary and merges.
     raw = Tokenizer(models.BPE())
@@ -115,7 +118,7 @@ def _build_tokenizer(vocab_size: int) -> Any:
         eos_token=END_OF_TURN,
         pad_token=END_OF_TEXT,
         extra_special_tokens=[SYSTEM, USER, ASSISTANT],
-        model_max_length=N_POSITIONS,
+        model_max_length=context_tokens,
         # Decoder-only models are batched with left padding so every row ends at its last token.
         padding_side="left",
         clean_up_tokenization_spaces=False,
@@ -123,10 +126,10 @@ def _build_tokenizer(vocab_size: int) -> Any:
     )
 
 
-def _build_weights(shape: _Shape, tokenizer: Any, *, seed: int) -> Any:
+def _build_weights(shape: _Shape, tokenizer: Any, *, seed: int, context_tokens: int) -> Any:
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=N_POSITIONS,
+        n_positions=context_tokens,
         n_embd=shape.n_embd,
         n_layer=shape.n_layer,
         n_head=shape.n_head,

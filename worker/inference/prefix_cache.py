@@ -76,7 +76,6 @@ class PrefixCache:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.size
 
-
     def remember(self, key: str, transcript: Transcript) -> None:
         """Keep the turn ``transcript`` beside the keys and values stored for it."""
         with self._lock:
