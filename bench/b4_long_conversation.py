@@ -22,8 +22,8 @@ from bench.stack import BenchStack, long_model_dir
 TURNS, NEW_TOKENS = 60, 16
 
 
-def _conversation(model: Path, **settings: str) -> list[TurnRecord]:
-    with BenchStack("b4", model=model, **settings) as stack:
+def _conversation(model: Path, *, prefix_cache_mb: str) -> list[TurnRecord]:
+    with BenchStack("b4", model=model, WORKER_PREFIX_CACHE_MB=prefix_cache_mb) as stack:
         key = stack.create_key("bench")
         generation = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
         # A turn of another conversation first, so that turn 1 is not the worker's first.
@@ -56,9 +56,9 @@ def _report(name: str, turns: list[TurnRecord]) -> float:
 def main() -> None:
     model = long_model_dir()
     say(f"B4: one conversation of {TURNS} turns, {NEW_TOKENS} new tokens a turn, small model")
-    reused = _report("prefix reuse", _conversation(model))
+    reused = _report("prefix reuse", _conversation(model, prefix_cache_mb="1024"))
     say(f"  turn {TURNS} over turn 1: {reused:.2f}x (target <= 1.5x)")
-    whole = _report("prefix cache off", _conversation(model, WORKER_PREFIX_CACHE_MB="0"))
+    whole = _report("prefix cache off", _conversation(model, prefix_cache_mb="0"))
     say(f"  baseline, every turn prefilled whole: {whole:.2f}x")
 
 
