@@ -3,7 +3,8 @@
 16 conversations of 4 turns, 32 new tokens a turn, greedy, through the whole service. Reports
 generated tokens/s end to end and, in the same run on the same first-turn prompts, (a) one
 `generate` call per turn, one at a time (what the usual FastAPI-plus-Celery service does), and
-(b) one padded batch of 16 (the model's ceiling on this machine).
+(b) one padded batch of 16 (the model's ceiling on this machine), and (c) transformers' own
+continuous batching (`generate_batch`, paged attention), which the engine is kept against.
 Target: end to end at least 6x (a), and at least 90% of (b).
 
 Run: python -m bench.b3_model_throughput
@@ -14,6 +15,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import GenerationConfig
 
 from bench.conversations import hold_conversations
 from bench.report import say
@@ -82,6 +84,20 @@ def padded_batch(loaded: LoadedModel, prompts: list[list[int]]) -> float:
     return _generated(out, width, set(loaded.tokenizer.all_special_ids)) / elapsed
 
 
+def library_batching(loaded: LoadedModel, prompts: list[list[int]]) -> float:
+    """(c) tokens/s of transformers' continuous batching (`generate_batch`) on the prompts."""
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=loaded.tokenizer.eos_token_id,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    started = time.perf_counter()
+    outputs = loaded.model.generate_batch(inputs=prompts, generation_config=config)
+    elapsed = time.perf_counter() - started
+    return sum(len(output.generated_tokens) for output in outputs.values()) / elapsed
+
+
 def _engine_counters(stack: BenchStack) -> tuple[float, float, float]:
     """Decoding steps, turns advanced (summed over steps), and seconds spent stepping."""
     return (
@@ -98,10 +114,13 @@ def main() -> None:
         padded_batch(loaded, prompts[:2])  # warm-up
         baseline_a = one_at_a_time(loaded, prompts)
         baseline_b = padded_batch(loaded, prompts)
+        library_batching(loaded, prompts[:2])  # warm-up: its manager and paged cache
+        library = library_batching(loaded, prompts)
     del loaded
     say(f"B3: {CONVERSATIONS} conversations x {TURNS} turns, {NEW_TOKENS} new tokens, small model")
     say(f"  (a) one generate per turn, one at a time: {baseline_a:.1f} tokens/s")
     say(f"  (b) one padded batch of {CONVERSATIONS}: {baseline_b:.1f} tokens/s")
+    say(f"  (c) transformers' generate_batch (continuous batching): {library:.1f} tokens/s")
     with BenchStack("b3", model="small", WORKER_MAX_BATCH=str(CONVERSATIONS)) as stack:
         key = stack.create_key("bench")
         generation = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
@@ -117,6 +136,7 @@ def main() -> None:
     say(f"  end to end: {tokens} tokens in {wall:.1f} s = {end_to_end:.1f} tokens/s")
     say(f"  ratio to (a): {end_to_end / baseline_a:.2f}x (target >= 6x)")
     say(f"  ratio to (b): {end_to_end / baseline_b:.0%} (target >= 90%)")
+    say(f"  ratio to (c): {end_to_end / library:.2f}x")
     steps, rows, seconds = (a - b for a, b in zip(after, before, strict=True))
     if steps:
         say(
