@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     generation_time_limit_seconds: float = Field(default=120.0, gt=0)
     # Turns generated together by one worker process (its batch), and so its Celery threads.
     worker_max_batch: int = Field(default=16, ge=1, le=512)
+    # The longest prompt and reply a worker runs (0: the model's own window). Its key/value
+    # cache is allocated for WORKER_MAX_BATCH + 1 turns of this many tokens.
+    worker_max_context_tokens: int = Field(default=0, ge=0)
     # Prompt tokens a worker prefills between two decoding steps: a longer prompt is prefilled
     # in chunks of it, so the turns already running wait at most about that long for a token.
     worker_prefill_tokens: int = Field(default=512, ge=16)

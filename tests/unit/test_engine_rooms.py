@@ -342,3 +342,15 @@ def test_a_failed_prefill_fails_its_request_and_the_loop_goes_on(loaded: LoadedM
     assert _generate_within(engine, prompt, 10) == Engine(loaded).generate(
         prompt, GenerationParams(max_new_tokens=6)
     )
+
+
+def test_a_worker_window_shorter_than_the_models_bounds_its_cache(loaded: LoadedModel) -> None:
+    # WORKER_MAX_CONTEXT_TOKENS lowers max_context_tokens: slots hold that many tokens, and
+    # a prompt that fills them leaves no room for a reply.
+    short = LoadedModel(loaded.model, loaded.tokenizer, loaded.device, 64)
+    engine = Engine(short, max_batch=2)
+    fits = engine.generate(Prompt(list(range(20, 80)), 0), GenerationParams(max_new_tokens=50))
+    assert fits.prompt_tokens == 60 and fits.completion_tokens <= 4
+    with pytest.raises(ValueError, match="no room"):
+        engine.generate(Prompt(list(range(20, 84)), 0), GenerationParams(max_new_tokens=4))
+    engine.close()

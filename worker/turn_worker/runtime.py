@@ -40,6 +40,12 @@ def start_runtime() -> Runtime:
             raise RuntimeError("MODEL_ID is not set: a worker needs a model to serve")
         started = time.perf_counter()
         model = load_model(settings.model_id)
+        if settings.worker_max_context_tokens:
+            # The key/value cache holds this many tokens for every batch slot: a model with a
+            # long window (128k) would not fit it on the GPU at its full length.
+            model.max_context_tokens = min(
+                model.max_context_tokens, settings.worker_max_context_tokens
+            )
         log.info(
             "model %s loaded on %s in %.1fs (CUDA_VISIBLE_DEVICES=%s)",
             settings.model_id,
