@@ -93,7 +93,7 @@ def build_model(
     return directory
 
 
-def _build_tokenizer(vocab_size: int, context_tokens: int) -> Any:
+def _build_tokenizer(vocab_size: int, context_tokens: int = N_POSITIONS) -> Any:
     # BPE training is deterministic (merges ordered by count, then by pair), so the tokenizer
     # needs no seed: the same corpus always yields the same vocabulary and merges.
     raw = Tokenizer(models.BPE())
