@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from redis import Redis, RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,7 +22,7 @@ from app.jobs import lifecycle
 from app.logs import log_context
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
-from app.redis import announce_job_ended, cancel_key, cancel_requested, get_redis
+from app.redis import announce_job_ended, cancel_key, get_redis
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
 from worker.inference.engine_types import NumericalError
@@ -152,14 +151,11 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
             "context_length_exceeded",
             "The system prompt and the message alone exceed the model's context window.",
         ) from exc
-    redis = get_redis()
     try:
-        result = runtime.engine.generate(
-            prompt,
-            turn.params,
-            should_cancel=lambda: _cancel_requested(redis, turn.claim.job_id),
-            prefix_key=turn.conversation_id,
-        )
+        with runtime.cancels.watching(turn.claim.job_id) as should_cancel:
+            result = runtime.engine.generate(
+                prompt, turn.params, should_cancel=should_cancel, prefix_key=turn.conversation_id
+            )
     except NumericalError as exc:
         # Not retried: the same model and settings would do it again.
         raise TurnFailed(
@@ -168,15 +164,6 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
             "scores); try other sampling settings.",
         ) from exc
     return result, prompt.context_messages
-
-
-def _cancel_requested(client: Redis, job_id: str) -> bool:
-    """The cancel signal, read from Redis; with Redis away, not cancelled: the turn goes on,
-    and a cancel stored meanwhile is still honoured when the end is stored."""
-    try:
-        return cancel_requested(client, job_id)
-    except RedisError:
-        return False
 
 
 @contextmanager

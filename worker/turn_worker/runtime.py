@@ -12,6 +12,7 @@ from app.context.store import ContextStore
 from app.redis import get_redis
 from worker.inference.engine import Engine
 from worker.inference.loader import LoadedModel, load_model
+from worker.turn_worker.cancel_watch import CancelWatch
 from worker.turn_worker.metrics import observe_step
 
 log = logging.getLogger("parley.worker")
@@ -23,6 +24,7 @@ class Runtime:
     model: LoadedModel
     engine: Engine
     context: ContextStore
+    cancels: CancelWatch
 
 
 _runtime: Runtime | None = None
@@ -68,5 +70,6 @@ def start_runtime() -> Runtime:
                 ttl_seconds=settings.context_ttl_seconds,
                 max_messages=settings.context_max_messages,
             ),
+            cancels=CancelWatch(get_redis()),
         )
     return _runtime
