@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from worker.inference import engine as engine_module
-from worker.inference.engine import Engine, GenerationParams, decode_reply
+from worker.inference.engine import Engine, GenerationParams, _decoded_reply, decode_reply
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.model_init import build_model
 from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt, build_prompt
@@ -173,6 +173,22 @@ def test_decode_reply_trims_at_fallback_markers(loaded: LoadedModel) -> None:
     ids = tokenizer.encode(" Sure thing.\nUser: and then?", add_special_tokens=False)
     text, stopped = decode_reply(tokenizer, ids, stop_ids=(), text_markers=FALLBACK_ROLE_MARKERS)
     assert (text, stopped) == ("Sure thing.", True)
+
+
+def test_a_reply_stands_for_its_ids_unless_a_marker_cut_it(loaded: LoadedModel) -> None:
+    # The ids kept for the next turn's prompt are those the stored text stands for whole.
+    tokenizer = loaded.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    reply = tokenizer.encode(" Sure thing.", add_special_tokens=False)
+    text, stopped, ids = _decoded_reply(
+        tokenizer, [*reply, end, 7], stop_ids={end}, text_markers=FALLBACK_ROLE_MARKERS
+    )
+    assert (text, stopped, ids) == ("Sure thing.", True, reply)
+    cut = tokenizer.encode(" Sure thing.\nUser: and then?", add_special_tokens=False)
+    _, stopped, ids = _decoded_reply(
+        tokenizer, cut, stop_ids={end}, text_markers=FALLBACK_ROLE_MARKERS
+    )
+    assert stopped and ids is None
 
 
 def test_decode_reply_replaces_invalid_utf8(loaded: LoadedModel) -> None:

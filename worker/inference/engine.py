@@ -129,7 +129,7 @@ class Engine:
             assert request.error is not None
             raise request.error
         assert request.finish_reason is not None
-        text, stopped = decode_reply(
+        text, stopped, reply_ids = _decoded_reply(
             self.loaded.tokenizer,
             request.generated,
             stop_ids=self._stop_ids,
@@ -138,8 +138,8 @@ class Engine:
         reason = request.finish_reason
         if stopped and reason in ("length", "time"):
             reason = "stop"
-        if prefix_key is not None and reason != "cancelled":
-            self._remember(prefix_key, prompt, request, text)
+        if reply_ids is not None and reason != "cancelled":
+            self._remember(prefix_key, prompt, reply_ids, text)
         first = request.first_token_at
         return GenerationResult(
             text,
@@ -150,17 +150,14 @@ class Engine:
         )
 
     def _remember(
-        self, prefix_key: str, prompt: Prompt, request: GenerationRequest, text: str
+        self, prefix_key: str | None, prompt: Prompt, reply_ids: list[int], text: str
     ) -> None:
-        """Keep the turn's ids for the next, where the stored reply is all it generated (not
-        cut at a role marker)."""
-        cache = self.prefix_cache
-        if cache is None or not prompt.text:
+        """Keep the turn's ids for the conversation's next (``reply_ids``: those the stored
+        reply ``text`` stands for whole)."""
+        if self.prefix_cache is None or prefix_key is None or not prompt.text:
             return
-        kept = reply_ids(request.generated, self._stop_ids)
-        if _storable(self.loaded.tokenizer.decode(kept, skip_special_tokens=True)) != text:
-            return
-        cache.remember(prefix_key, Transcript(prompt.text, prompt.input_ids + kept, text))
+        transcript = Transcript(prompt.text, prompt.input_ids + reply_ids, text)
+        self.prefix_cache.remember(prefix_key, transcript)
 
     def _wrote_role_marker(self, request: GenerationRequest) -> bool:
         tail = self.loaded.tokenizer.decode(request.generated[-_MARKER_WINDOW_TOKENS:])
@@ -179,20 +176,31 @@ def decode_reply(
     The reply ends before the first stop token (eos or another special token such as a role
     marker) and before the first text role marker, whichever comes first.
     """
-    kept = reply_ids(new_ids, stop_ids)
+    text, stopped, _ = _decoded_reply(
+        tokenizer, new_ids, stop_ids=stop_ids, text_markers=text_markers
+    )
+    return text, stopped
+
+
+def _decoded_reply(
+    tokenizer: Any,
+    new_ids: Sequence[int],
+    *,
+    stop_ids: Collection[int],
+    text_markers: Sequence[str],
+) -> tuple[str, bool, list[int] | None]:
+    """`decode_reply`, and the ids the text stands for: those before the first stop token,
+    None where a text role marker cut the text short of them."""
+    stop_at = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
+    kept = list(new_ids[:stop_at])
     # The tokenizer's decoder replaces bytes that do not form valid UTF-8 (a character cut off
     # by max_new_tokens, or a random model's byte salad) with U+FFFD.
     text: str = tokenizer.decode(kept, skip_special_tokens=True)
     marker_at = min((i for i in map(text.find, text_markers) if i >= 0), default=None)
     if marker_at is not None:
         text = text[:marker_at]
-    return _storable(text), len(kept) < len(new_ids) or marker_at is not None
-
-
-def reply_ids(new_ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:
-    """The generated ids before the first stop token."""
-    stop_at = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
-    return list(new_ids[:stop_at])
+    stopped = stop_at < len(new_ids) or marker_at is not None
+    return _storable(text), stopped, kept if marker_at is None else None
 
 
 def _storable(text: str) -> str:

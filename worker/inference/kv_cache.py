@@ -64,7 +64,7 @@ class SlotCache:
         return {
             "attention_mask": mask,
             "position_ids": lengths[:, None],
-            "cache": _CacheView(write, self._layer_count()),
+            "cache": _CacheView(write, len(self._keys)),
         }
 
     def prefill_args(self, first: int, rows: int, start: int, tokens: int) -> dict[str, Any]:
@@ -81,7 +81,7 @@ class SlotCache:
         return {
             "attention_mask": mask,
             "position_ids": new[None, :].expand(rows, -1),
-            "cache": _CacheView(write, self._layer_count()),
+            "cache": _CacheView(write, len(self._keys)),
         }
 
     def _zero_up_to(self, width: int) -> None:
@@ -91,9 +91,6 @@ class SlotCache:
         for buffer in (*self._keys, *self._values):
             buffer[:, :, self._clean : width] = 0
         self._clean = width
-
-    def _layer_count(self) -> int | None:
-        return len(self._keys) or None
 
     def _allocate(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """The layer's buffers, shaped by its first key and value states."""
@@ -218,10 +215,10 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
 class _CacheView(Cache):
     """The transformers Cache a forward pass is handed: its layers write into the slots."""
 
-    def __init__(self, write: _Write, layers: int | None) -> None:
-        # Before the first pass the layer count is unknown: layers are added as the model
+    def __init__(self, write: _Write, layers: int) -> None:
+        # Before the first pass the layer count is unknown (0): layers are added as the model
         # reaches them (a layer index past the list adds the next one).
-        super().__init__(layers=[_SlotLayer(write, i) for i in range(layers or 0)])
+        super().__init__(layers=[_SlotLayer(write, i) for i in range(layers)])
         self._write_target = write
 
     def update(

@@ -115,7 +115,7 @@ def build_prompt(
         messages.extend({"role": m.role, "content": m.content} for m in history[start:])
         messages.append({"role": "user", "content": message})
         text = render_chat(tokenizer, messages)
-        reused = _reusing_last_turn(tokenizer, messages, last_turn)
+        reused = _reusing_last_turn(tokenizer, messages, text, last_turn)
         # Reused ids may number more than the text's own encoding: where they do not fit, the
         # window is what it would be without them.
         if reused is not None and len(reused) <= budget:
@@ -153,11 +153,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _reusing_last_turn(
-    tokenizer: Any, messages: list[dict[str, str]], last_turn: Transcript | None
+    tokenizer: Any, messages: list[dict[str, str]], text: str, last_turn: Transcript | None
 ) -> list[int] | None:
     """The last turn's ids, then those of the text rendered after its reply, where ``messages``
-    hold that turn whole (its prompt as it was, then its reply as stored); else None."""
-    if last_turn is None or len(messages) < 2:
+    (rendered as ``text``) hold that turn whole (its prompt as it was, then its reply as
+    stored); else None."""
+    # A window that dropped the start of the last turn's prompt is told apart without
+    # rendering again (the binary search over windows tries several).
+    if last_turn is None or len(messages) < 2 or not text.startswith(last_turn.prompt_text):
         return None
     reply = messages[-2]
     if reply["role"] != "assistant" or reply["content"] != last_turn.reply:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -52,8 +53,8 @@ class CancelWatch:
                 self._cancelled.pop(job_id, None)
 
     def _run(self) -> None:
-        stop = threading.Event()  # never set: the thread lives as long as the process
-        while not stop.wait(self._interval):
+        while True:  # as long as the process
+            time.sleep(self._interval)
             with self._lock:
                 jobs = [job for job, cancelled in self._cancelled.items() if not cancelled]
             if not jobs:
