@@ -1,9 +1,10 @@
-"""The SQL of a submit, for the API's async pool (app.db.make_async_pool).
+"""The SQL of the API's hot paths, for its async pool (app.db.make_async_pool).
 
-A submit is the API's hot path: its statements are written once here, as text, and sent by
-psycopg (prepared by the server after a few uses), with no statement built, compiled or cached
-per request. Each one says where the rest of the code states the same rule (app.jobs.fair_share,
-app.jobs.lifecycle); "unfinished" is `status IN ('queued', 'running')` (app.models.UNFINISHED).
+A submit, and a request held by `Prefer: wait` re-reading its job's status: their statements
+are written once here, as text, and sent by psycopg (prepared by the server after a few uses),
+with no statement built, compiled or cached per request. Each one says where the rest of the
+code states the same rule (app.jobs.fair_share, app.jobs.lifecycle); "unfinished" is
+`status IN ('queued', 'running')` (app.models.UNFINISHED).
 """
 
 from __future__ import annotations
@@ -86,4 +87,11 @@ SELECT
 UNSENT_BY_TENANT = """
 SELECT tenant_id, count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NULL
 GROUP BY tenant_id
+"""
+
+# A held request's re-read (app.jobs.router._wait_for_end): the job's status alone, by primary
+# key, and only the tenant's (a NULL tenant is an admin's key, which reads every tenant's).
+JOB_STATUS = """
+SELECT status FROM jobs WHERE id = %(id)s
+  AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
 """

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from typing import Annotated
@@ -33,8 +34,8 @@ IdempotencyKeyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
-# While waiting, re-read the job this often in case a job-end notice was lost: often while
-# the job-end subscription is down, seldom while it is up (a re-read takes a session slot).
+# While waiting, re-read the job's status at most this often in case a job-end notice was
+# lost: often while the job-end subscription is down, seldom while it is up.
 _RECHECK_SECONDS = 2.0
 _RECHECK_LISTENING_SECONDS = 15.0
 
@@ -148,15 +149,21 @@ async def read_job(
 async def _wait_for_end(
     request: Request, waiter: JobWaiter, tenant_id: str | None, job_id: str, wait: int
 ) -> JobOut:
+    """While it waits, the request re-reads only its job's status, by primary key on the
+    async pool (on the event loop): a thousand held requests take no thread and no session
+    slot, and the whole job is read once, when it has ended or the wait is over."""
     deadline = time.monotonic() + wait
     event = waiter.subscribe(job_id)
     try:
         while True:
-            job = await _read_job_slotted(request, tenant_id, job_id)
+            async with pooled_connection(request) as conn:
+                status = await service.job_status(conn, tenant_id=tenant_id, job_id=job_id)
             remaining = deadline - time.monotonic()
-            if job.status in TERMINAL or remaining <= 0:
-                return job
+            if status is None or status in TERMINAL or remaining <= 0:
+                return await _read_job_slotted(request, tenant_id, job_id)  # None: its 404
             recheck = _RECHECK_LISTENING_SECONDS if waiter.listening else _RECHECK_SECONDS
+            # Spread out: requests held at the same moment do not all re-read together.
+            recheck *= random.uniform(0.5, 1.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), min(remaining, recheck))
             event.clear()

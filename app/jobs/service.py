@@ -211,6 +211,18 @@ async def _queue_position(
     )
 
 
+async def job_status(
+    conn: AsyncConnection[TupleRow], *, tenant_id: str | None, job_id: str
+) -> JobStatus | None:
+    """The job's status, read as get_job would find it (None: get_job answers 404)."""
+    if not plausible_id(job_id):
+        return None
+    row = await (
+        await conn.execute(repository.JOB_STATUS, {"id": job_id, "tenant": tenant_id})
+    ).fetchone()
+    return None if row is None else JobStatus(row[0])
+
+
 def get_job(session: Session, *, tenant_id: str | None, job_id: str) -> Job:
     """The job, if it exists and (unless `tenant_id` is None, for admins) is the tenant's."""
     job = session.get(Job, job_id) if plausible_id(job_id) else None

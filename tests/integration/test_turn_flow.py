@@ -143,6 +143,16 @@ def test_prefer_wait_is_applied(api: Api) -> None:
     assert answer.json()["status"] == "succeeded"
 
 
+def test_prefer_wait_on_another_tenants_job_is_not_found(api: Api) -> None:
+    owner, other = api.create_key("acme"), api.create_key("globex")
+    job = api.submit(owner, message="mine")
+    for job_id in (job["id"], "job_unknown", "job\u00e9"):
+        answer = api.request("GET", f"/v1/jobs/{job_id}", other, headers={"Prefer": "wait=5"})
+        assert answer.status_code == 404, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+    api.wait(owner, job["id"])
+
+
 def test_delete_conversation_removes_everything(api: Api) -> None:
     key = api.create_key("acme")
     job = api.submit(key, message="forget me")
