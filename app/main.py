@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
@@ -51,13 +52,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.unsent_counts = UnsentCounts()
     app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
     app.state.ops_slots = asyncio.Semaphore(OPS_SLOTS)
-    waiter = JobWaiter(get_settings().redis_url)
+    waiter = JobWaiter(settings.redis_url)
     app.state.job_waiter = waiter
     await waiter.start()
+    # For the readers of job event streams (app.jobs.event_stream), on the event loop.
+    app.state.async_redis = aioredis.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+    )
     try:
         yield
     finally:
         await waiter.stop()
+        await app.state.async_redis.aclose()
         await pool.close()
 
 

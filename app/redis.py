@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from app import job_events
 from app.config import Settings, get_settings
 
 log = logging.getLogger("parley.redis")
@@ -59,8 +60,18 @@ def cancel_requested(client: redis.Redis, job_id: str) -> bool:
 
 
 def announce_job_ended(client: redis.Redis, job_id: str) -> None:
-    """Wake `Prefer: wait` requests holding for this job."""
-    client.publish(JOB_ENDED_CHANNEL, job_id)
+    """Wake `Prefer: wait` requests holding for this job, and end its event stream's readers,
+    in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    queue_job_ended(pipe, job_id)
+    pipe.execute()
+
+
+def queue_job_ended(pipe: redis.client.Pipeline, job_id: str) -> None:
+    """announce_job_ended, as commands of `pipe`: the job's stream ends (app.job_events),
+    then the notice that wakes held requests."""
+    job_events.append(pipe, job_id, "end")
+    pipe.publish(JOB_ENDED_CHANNEL, job_id)
 
 
 def report_worker_alive(client: redis.Redis, name: str) -> None:

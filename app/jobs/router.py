@@ -6,21 +6,24 @@ import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.db import get_sessionmaker
 from app.deps import CurrentKey, SessionDep, SettingsDep, pooled_connection
-from app.jobs import idempotency, service
+from app.errors import ProblemError, not_found
+from app.jobs import event_stream, idempotency, service
 from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
 from app.jobs.waiter import JobWaiter
 from app.logs import log_context
 from app.metrics import JOBS_SUBMITTED
-from app.models import TERMINAL
+from app.models import TERMINAL, JobStatus
 from app.pagination import CursorQuery, LimitQuery, Page
 from app.queue import RUN_TURN, send_now
 from app.redis import announce_job_ended, get_redis, request_cancel
@@ -169,6 +172,63 @@ async def _wait_for_end(
             event.clear()
     finally:
         waiter.unsubscribe(job_id, event)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The job's events."},
+        404: {"description": "No such job (or another tenant's)."},
+        429: {"description": "The key holds as many waiting requests as it may."},
+    },
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    principal: CurrentKey,
+    settings: SettingsDep,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", max_length=64)
+    ] = None,
+    last_event_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> EventSourceResponse:
+    """The job's events as server-sent events: `status`, `delta`s of the reply as it is
+    generated, then `done` with the Job. Those already sent are replayed first;
+    `Last-Event-ID` (header or query) resumes after that event."""
+    after = event_stream.resume_point(last_event_id_header or last_event_id)
+    tenant = principal.readable_tenant
+    waiter: JobWaiter = request.app.state.job_waiter
+
+    async def read_status() -> JobStatus | None:
+        async with pooled_connection(request) as conn:
+            return await service.job_status(conn, tenant_id=tenant, job_id=job_id)
+
+    if await read_status() is None:
+        raise not_found("Job")
+    if not waiter.has_room(principal.key_id, settings.max_held_requests_per_key):
+        raise ProblemError(
+            429,
+            "This key holds as many waiting requests and streams as it may; retry later.",
+            headers={"Retry-After": "5"},
+        )
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        # Counted among the key's held requests for as long as it is read.
+        with waiter.hold(principal.key_id, settings.max_held_requests_per_key) as held:
+            if not held:
+                return  # others took the last room meanwhile: the client reconnects
+            async for event in event_stream.events(
+                redis=request.app.state.async_redis,
+                waiter=waiter,
+                job_id=job_id,
+                after=after,
+                read_status=read_status,
+                read_job=lambda: _read_job_slotted(request, tenant, job_id),
+            ):
+                yield event
+
+    return EventSourceResponse(stream(), ping=event_stream.KEEP_ALIVE_SECONDS)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -1,9 +1,10 @@
-"""`Prefer: wait=N`: hold a request until its job ends.
+"""The notices of jobs, for the requests that wait on them: `Prefer: wait=N` until a job
+ends, and the readers of a job's event stream (app.jobs.event_stream).
 
-One Redis subscription per API process fans job-end notices out to the requests waiting
-on them, so a thousand waiting clients cost one connection, not a thousand. Each API key may
-hold a bounded number of requests at once (MAX_HELD_REQUESTS_PER_KEY); beyond it a request is
-answered at once.
+One Redis subscription per API process, to the job-end notices and to the entries of every
+job's stream (app.job_events), fans them out to the requests waiting on them, so a thousand
+waiting clients cost one connection, not a thousand. Each API key may hold a bounded number
+of requests at once (MAX_HELD_REQUESTS_PER_KEY); beyond it a request is answered at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
+from app import job_events
 from app.redis import JOB_ENDED_CHANNEL
+
+# Given to a stream's followers when entries may have been missed (the subscription was made
+# again): each reads its stream again from where it is.
+RESYNC = None
 
 log = logging.getLogger("parley.waiter")
 
@@ -25,6 +31,7 @@ class JobWaiter:
     def __init__(self, redis_url: str) -> None:
         self._redis_url = redis_url
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._followers: dict[str, set[asyncio.Queue[job_events.Entry | None]]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._held: Counter[str] = Counter()
         # While the subscription is down, job-end notices are lost: waiters re-read often.
@@ -44,14 +51,18 @@ class JobWaiter:
             client = aioredis.Redis.from_url(self._redis_url, decode_responses=True)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(JOB_ENDED_CHANNEL)
+                    await pubsub.subscribe(JOB_ENDED_CHANNEL, job_events.EVENTS_CHANNEL)
                     self.listening = True
-                    # Ends announced while the subscription was down were missed: every
-                    # waiter reads its job once more.
+                    # Notices sent while the subscription was down were missed: every
+                    # waiter reads its job once more, every follower its stream.
                     self._wake_all()
                     async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                        if message.get("type") != "message":
+                            continue
+                        if message["channel"] == JOB_ENDED_CHANNEL:
                             self._wake(str(message["data"]))
+                        else:
+                            self._pass_on(*job_events.parse_published(str(message["data"])))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -70,13 +81,24 @@ class JobWaiter:
         for events in self._waiters.values():
             for event in events:
                 event.set()
+        for queues in self._followers.values():
+            for queue in queues:
+                queue.put_nowait(RESYNC)
+
+    def _pass_on(self, job_id: str, entry: job_events.Entry) -> None:
+        for queue in self._followers.get(job_id, ()):
+            queue.put_nowait(entry)
+
+    def has_room(self, key_id: str, limit: int) -> bool:
+        """Whether `hold` would let a request of `key_id` be held now."""
+        return self._held[key_id] < limit
 
     @contextlib.contextmanager
     def hold(self, key_id: str, limit: int) -> Iterator[bool]:
         """Whether a request of `key_id` may be held now (at most `limit` at once per key in
         this process); the hold lasts for the `with` block. Runs on the event loop only, so
         the count needs no lock."""
-        if self._held[key_id] >= limit:
+        if not self.has_room(key_id, limit):
             yield False
             return
         self._held[key_id] += 1
@@ -100,3 +122,17 @@ class JobWaiter:
             waiters.discard(event)
             if not waiters:
                 del self._waiters[job_id]
+
+    def follow(self, job_id: str) -> asyncio.Queue[job_events.Entry | None]:
+        """The entries of `job_id`'s stream as they are published, and RESYNC where some may
+        have been missed. Follow before reading the stream, so that none falls between."""
+        queue: asyncio.Queue[job_events.Entry | None] = asyncio.Queue()
+        self._followers[job_id].add(queue)
+        return queue
+
+    def unfollow(self, job_id: str, queue: asyncio.Queue[job_events.Entry | None]) -> None:
+        followers = self._followers.get(job_id)
+        if followers is not None:
+            followers.discard(queue)
+            if not followers:
+                del self._followers[job_id]

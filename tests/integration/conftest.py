@@ -84,6 +84,18 @@ def workers(
         yield procs
 
 
+@pytest.fixture(scope="session")
+def live_api(workers: list[subprocess.Popen[bytes]]) -> Iterator[str]:
+    """The base URL of a real `parley api` process, for what the in-process client cannot
+    show: a stream read while it is written, a reader that goes away."""
+    with Stack() as stack:
+        stack.api(log=WORKER_LOG.with_name("api.log"))
+        if not stack.wait_ready("/livez", timeout=60):
+            raise RuntimeError("parley api did not start")
+        assert stack.base_url is not None
+        yield stack.base_url
+
+
 @pytest.fixture
 def io_workers(
     database_url: str, redis_client: redis.Redis

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from worker.inference import engine as engine_module
-from worker.inference.engine import Engine, GenerationParams, _decoded_reply, decode_reply
+from worker.inference.engine import Engine, GenerationParams, decode_reply
 from worker.inference.loader import LoadedModel, load_model
 from worker.inference.model_init import build_model
 from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt, build_prompt
+from worker.inference.reply_text import decoded_reply
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +181,12 @@ def test_a_reply_stands_for_its_ids_unless_a_marker_cut_it(loaded: LoadedModel) 
     tokenizer = loaded.tokenizer
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     reply = tokenizer.encode(" Sure thing.", add_special_tokens=False)
-    text, stopped, ids = _decoded_reply(
+    text, stopped, ids = decoded_reply(
         tokenizer, [*reply, end, 7], stop_ids={end}, text_markers=FALLBACK_ROLE_MARKERS
     )
     assert (text, stopped, ids) == ("Sure thing.", True, reply)
     cut = tokenizer.encode(" Sure thing.\nUser: and then?", add_special_tokens=False)
-    _, stopped, ids = _decoded_reply(
+    _, stopped, ids = decoded_reply(
         tokenizer, cut, stop_ids={end}, text_markers=FALLBACK_ROLE_MARKERS
     )
     assert stopped and ids is None

@@ -8,8 +8,8 @@ together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from typing import Any
+import time
+from collections.abc import Callable
 
 from worker.inference.engine_loop import EngineLoop
 from worker.inference.engine_types import (
@@ -21,6 +21,7 @@ from worker.inference.engine_types import (
 from worker.inference.loader import LoadedModel
 from worker.inference.prefix_cache import PrefixCache
 from worker.inference.prompt import FALLBACK_ROLE_MARKERS, Prompt, Transcript
+from worker.inference.reply_text import ReplyStream, decode_reply, decoded_reply
 from worker.inference.request import GenerationRequest, RequestStatus
 from worker.inference.stopping import StopRules
 
@@ -106,9 +107,12 @@ class Engine:
         *,
         should_cancel: Callable[[], bool] = lambda: False,
         prefix_key: str | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generate the reply to ``prompt``; ``should_cancel`` is polled while it runs.
-        Turns of one conversation share ``prefix_key``: each reuses the cache of the last."""
+        Turns of one conversation share ``prefix_key``: each reuses the cache of the last.
+        ``on_text`` is given the reply in pieces as they are generated (on this thread, not
+        the model's): together, exactly the returned text, unless the turn is cancelled."""
         prompt_tokens = len(prompt.input_ids)
         room = self.loaded.max_context_tokens - prompt_tokens
         if prompt_tokens == 0:
@@ -122,19 +126,27 @@ class Engine:
             list(prompt.input_ids), params, min(params.max_new_tokens, room), prefix_key=prefix_key
         )
         self._loop.submit(request)
-        while not request.wait(CANCEL_CHECK_INTERVAL_S):
-            if not request.cancelled and should_cancel():
-                request.cancel()
+        stream = None
+        if on_text is not None:
+            stream = ReplyStream(
+                self.loaded.tokenizer,
+                on_text,
+                stop_ids=self._stop_ids,
+                text_markers=self._text_markers,
+            )
+        self._follow(request, should_cancel, stream)
         if request.status is RequestStatus.FAILED:
             assert request.error is not None
             raise request.error
         assert request.finish_reason is not None
-        text, stopped, reply_ids = _decoded_reply(
+        text, stopped, reply_ids = decoded_reply(
             self.loaded.tokenizer,
             request.generated,
             stop_ids=self._stop_ids,
             text_markers=self._text_markers,
         )
+        if stream is not None and request.finish_reason != "cancelled":
+            stream.finish(text)
         reason = request.finish_reason
         if stopped and reason in ("length", "time"):
             reason = "stop"
@@ -149,6 +161,28 @@ class Engine:
             None if first is None else first - request.submitted_at,
         )
 
+    def _follow(
+        self,
+        request: GenerationRequest,
+        should_cancel: Callable[[], bool],
+        stream: ReplyStream | None,
+    ) -> None:
+        """Wait for ``request`` to end, asking ``should_cancel`` at most every
+        CANCEL_CHECK_INTERVAL_S and, when streaming, passing on its text at each new token."""
+        ask_at = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+        while True:
+            if stream is None:
+                ended = request.wait(CANCEL_CHECK_INTERVAL_S)
+            else:
+                ended = request.wait_for_progress(CANCEL_CHECK_INTERVAL_S)
+                stream.advance(request.generated)
+            if ended:
+                return
+            if time.monotonic() >= ask_at and not request.cancelled:
+                ask_at = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+                if should_cancel():
+                    request.cancel()
+
     def _remember(
         self, prefix_key: str | None, prompt: Prompt, reply_ids: list[int], text: str
     ) -> None:
@@ -162,52 +196,3 @@ class Engine:
     def _wrote_role_marker(self, request: GenerationRequest) -> bool:
         tail = self.loaded.tokenizer.decode(request.generated[-_MARKER_WINDOW_TOKENS:])
         return any(marker in tail for marker in self._text_markers)
-
-
-def decode_reply(
-    tokenizer: Any,
-    new_ids: Sequence[int],
-    *,
-    stop_ids: Collection[int],
-    text_markers: Sequence[str] = (),
-) -> tuple[str, bool]:
-    """Decode generated ids into storable reply text; also say whether the model ended its turn.
-
-    The reply ends before the first stop token (eos or another special token such as a role
-    marker) and before the first text role marker, whichever comes first.
-    """
-    text, stopped, _ = _decoded_reply(
-        tokenizer, new_ids, stop_ids=stop_ids, text_markers=text_markers
-    )
-    return text, stopped
-
-
-def _decoded_reply(
-    tokenizer: Any,
-    new_ids: Sequence[int],
-    *,
-    stop_ids: Collection[int],
-    text_markers: Sequence[str],
-) -> tuple[str, bool, list[int] | None]:
-    """`decode_reply`, and the ids the text stands for: those before the first stop token,
-    None where a text role marker cut the text short of them."""
-    stop_at = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
-    kept = list(new_ids[:stop_at])
-    # The tokenizer's decoder replaces bytes that do not form valid UTF-8 (a character cut off
-    # by max_new_tokens, or a random model's byte salad) with U+FFFD.
-    text: str = tokenizer.decode(kept, skip_special_tokens=True)
-    marker_at = min((i for i in map(text.find, text_markers) if i >= 0), default=None)
-    if marker_at is not None:
-        text = text[:marker_at]
-    stopped = stop_at < len(new_ids) or marker_at is not None
-    return _storable(text), stopped, kept if marker_at is None else None
-
-
-def _storable(text: str) -> str:
-    """Text PostgreSQL accepts: no NUL, valid UTF-8 (lone surrogates become '?').
-
-    Surrounding whitespace goes too: the fallback transcript cues "Assistant:", so a reply
-    naturally starts with a space, and trailing newlines are the model drifting to a new turn.
-    """
-    text = text.replace("\x00", "")
-    return text.encode("utf-8", errors="replace").decode("utf-8").strip()

@@ -48,6 +48,8 @@ class GenerationRequest:
     generator: torch.Generator | None = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Set at each new token and at the end: a waiting thread streaming the reply wakes then.
+    _progress: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:
         # The cap counts from submission: time spent waiting for a batch slot is the turn's too.
@@ -67,6 +69,13 @@ class GenerationRequest:
         """Wait up to ``timeout`` seconds for the request to end; say whether it has."""
         return self._done.wait(timeout)
 
+    def wait_for_progress(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a token or the end since the last call; say
+        whether the request has ended. Read `generated` after it: nothing added is missed."""
+        self._progress.wait(timeout)
+        self._progress.clear()
+        return self.status.ended
+
     # -- changed by the loop -------------------------------------------------------------
 
     def expired(self, now: float) -> bool:
@@ -80,15 +89,18 @@ class GenerationRequest:
         if self.first_token_at is None:
             self.first_token_at = now
         self.generated.append(token)
+        self._progress.set()
 
     def finish(self, reason: FinishReason) -> None:
         if self.status.ended:  # a request ends once: a later failure of its batch is not its
             return
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
         self._done.set()
+        self._progress.set()
 
     def fail(self, error: BaseException) -> None:
         if self.status.ended:
             return
         self.status, self.error = RequestStatus.FAILED, error
         self._done.set()
+        self._progress.set()

@@ -37,5 +37,10 @@ def _start_background(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_background(**_: Any) -> None:
     from worker.turn_worker.heartbeat import stop_background
+    from worker.turn_worker.runtime import current_runtime
 
     stop_background()
+    runtime = current_runtime()
+    if runtime is not None:
+        # The last turns' ends, queued for their streams, are sent before the process goes.
+        runtime.events.close()

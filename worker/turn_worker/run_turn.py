@@ -22,7 +22,6 @@ from app.jobs import lifecycle
 from app.logs import log_context
 from app.models import Conversation, Job, JobStatus, Message, reply_seq
 from app.models.base import utcnow
-from app.redis import announce_job_ended, cancel_key, get_redis
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
 from worker.inference.engine_types import NumericalError
@@ -71,6 +70,7 @@ def _run(job_id: str) -> None:
     if turn is None:
         return
     log.info("claimed (attempt %d)", turn.claim.attempts)
+    runtime.events.running(job_id)
     # While the turn runs, the heartbeat renews its lease: it is never taken over alive.
     HELD.add(turn.claim.token)
     try:
@@ -84,12 +84,12 @@ def _generate_and_end(runtime: Runtime, turn: ClaimedTurn) -> None:
         result, context_messages = _generate(runtime, turn)
     except TurnFailed as failure:
         code, message = failure.code, failure.message
-        with_db_retry(lambda: _finish_failed(turn, code, message))
+        with_db_retry(lambda: _finish_failed(runtime, turn, code, message))
     except Exception as exc:
         log.exception("generation failed")
         if turn.claim.attempts >= runtime.settings.max_turn_attempts:
             message = f"Generation failed: {type(exc).__name__}"
-            with_db_retry(lambda: _finish_failed(turn, "generation_error", message))
+            with_db_retry(lambda: _finish_failed(runtime, turn, "generation_error", message))
         else:
             with_db_retry(lambda: _retry(turn))
     else:
@@ -130,7 +130,7 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
             ),
         )
     if claim.attempts > settings.max_turn_attempts:
-        _finish_failed(turn, "too_many_attempts", "The turn was attempted too many times.")
+        _finish_failed(runtime, turn, "too_many_attempts", "The turn was attempted too many times.")
         return None
     return turn
 
@@ -154,7 +154,11 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
     try:
         with runtime.cancels.watching(turn.claim.job_id) as should_cancel:
             result = runtime.engine.generate(
-                prompt, turn.params, should_cancel=should_cancel, prefix_key=turn.conversation_id
+                prompt,
+                turn.params,
+                should_cancel=should_cancel,
+                prefix_key=turn.conversation_id,
+                on_text=runtime.events.reply_shower(turn.claim.job_id, turn.claim.attempts),
             )
     except NumericalError as exc:
         # Not retried: the same model and settings would do it again.
@@ -215,7 +219,7 @@ def _finish(
             ChatMessage(role="assistant", content=result.text),
         ]
         runtime.context.extend(turn.conversation_id, turn.context, turn=turn.turn, added=added)
-    _ended(turn, "succeeded" if succeeded else "cancelled")
+    _ended(runtime, turn, "succeeded" if succeeded else "cancelled")
     if result.time_to_first_token_s is not None:
         metrics.TIME_TO_FIRST_TOKEN.observe(result.time_to_first_token_s)
     log.info(
@@ -227,14 +231,14 @@ def _finish(
     )
 
 
-def _finish_failed(turn: ClaimedTurn, code: str, message: str) -> None:
+def _finish_failed(runtime: Runtime, turn: ClaimedTurn, code: str, message: str) -> None:
     with _owned(turn) as owned:
         if owned is None:
             return
         session, _, job = owned
         lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
     log.warning("failed: %s", code)
-    _ended(turn, "failed")
+    _ended(runtime, turn, "failed")
 
 
 def _retry(turn: ClaimedTurn) -> None:
@@ -250,17 +254,8 @@ def _retry(turn: ClaimedTurn) -> None:
             lifecycle.requeue(session, job)
 
 
-def _ended(turn: ClaimedTurn, status: str) -> None:
+def _ended(runtime: Runtime, turn: ClaimedTurn, status: str) -> None:
     metrics.RUN_TIME.observe(time.monotonic() - turn.claimed_at)
     metrics.TURNS_ENDED.labels(status).inc()
-    _announce(turn.claim.job_id)
-
-
-def _announce(job_id: str) -> None:
-    try:
-        redis = get_redis()
-        announce_job_ended(redis, job_id)
-        redis.delete(cancel_key(job_id))
-    except Exception:
-        # Waiting clients re-read the job every few seconds anyway.
-        log.warning("could not announce its end")
+    # Waiting clients and stream readers are told; they re-read the job now and then anyway.
+    runtime.events.ended(turn.claim.job_id)

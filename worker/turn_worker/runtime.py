@@ -13,6 +13,7 @@ from app.redis import get_redis
 from worker.inference.engine import Engine
 from worker.inference.loader import LoadedModel, load_model
 from worker.turn_worker.cancel_watch import CancelWatch
+from worker.turn_worker.event_publisher import EventPublisher
 from worker.turn_worker.metrics import observe_step
 
 log = logging.getLogger("parley.worker")
@@ -25,6 +26,7 @@ class Runtime:
     engine: Engine
     context: ContextStore
     cancels: CancelWatch
+    events: EventPublisher
 
 
 _runtime: Runtime | None = None
@@ -71,5 +73,6 @@ def start_runtime() -> Runtime:
                 max_messages=settings.context_max_messages,
             ),
             cancels=CancelWatch(get_redis()),
+            events=EventPublisher(get_redis()),
         )
     return _runtime
