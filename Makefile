@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.b3_model_throughput
 	$(BIN)/python -m bench.b4_long_conversation
 	$(BIN)/python -m bench.prefill_stall
+	$(BIN)/python -m bench.time_to_first_token
 	$(BIN)/python -m bench.b5_transcripts
 
 clean:
