@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # context keys and broker messages never share a keyspace (reliability F12).
     broker_url: str | None = None
     model_id: str | None = None
+    # The model's name in the OpenAI-compatible API (GET /v1/models, a response's `model`);
+    # MODEL_ID as given when unset.
+    served_model_name: str | None = None
     parley_admin_key: str | None = None
 
     context_ttl_seconds: int = Field(default=24 * 3600, ge=1)
@@ -135,6 +138,11 @@ class Settings(BaseSettings):
                 shares[tenant.strip()] = int(share)
             return shares
         return value
+
+    @property
+    def served_model(self) -> str | None:
+        """What GET /v1/models lists and POST /v1/responses accepts as `model`."""
+        return self.served_model_name or self.model_id
 
     def fair_share(self, tenant_id: str) -> int:
         return self.fair_share_tenants.get(tenant_id, self.fair_share_default)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import redis
 from fastapi import Depends, Request
@@ -20,6 +20,8 @@ from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.errors import ProblemError
 from app.redis import get_redis
+
+T = TypeVar("T")
 
 # Requests holding a session at once: fewer than the connection pool holds (see below).
 SESSION_SLOTS = 30
@@ -65,6 +67,18 @@ async def pooled_connection(request: Request) -> AsyncIterator[AsyncConnection[T
         pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = request.app.state.async_pool
         async with pool.connection() as conn:
             yield conn
+
+
+async def run_in_session(request: Request, work: Callable[[Session], T]) -> T:
+    """`work` given a session of its own, in the threadpool, under a session slot (as for
+    get_session); the session is closed when it returns, and nothing is committed."""
+
+    def run() -> T:
+        with get_sessionmaker()() as session:
+            return work(session)
+
+    async with request.app.state.session_slots:
+        return await run_in_threadpool(run)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -46,6 +46,8 @@ class ProblemError(Exception):
         type_: str = "about:blank",
         headers: dict[str, str] | None = None,
         errors: list[dict[str, Any]] | None = None,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -53,6 +55,9 @@ class ProblemError(Exception):
         self.type = type_
         self.headers = headers or {}
         self.errors = errors
+        # For the routes that answer in OpenAI's error shape (openai_error_response).
+        self.param = param
+        self.code = code
 
 
 # The problem document in JSON Schema, for the OpenAPI document (app.main).
@@ -100,6 +105,97 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+# The routes of the OpenAI-compatible API answer errors in OpenAI's shape, which its SDKs
+# read: `{"error": {"message", "type", "param", "code"}}`, with the same status codes.
+OPENAI_PATHS = ("/v1/responses", "/v1/models")
+_OPENAI_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "insufficient_permissions",
+    404: "not_found",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_value",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+
+
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OpenAIError",
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def openai_error_response(
+    status: int,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    if param is None and errors:
+        # The first invalid field, as OpenAI names it: `input`, `metadata.key`.
+        loc = [str(part) for part in errors[0]["loc"] if part != "body"]
+        param = ".".join(loc) or None
+    if errors:
+        detail = f"{detail} {errors[0]['msg']}" + (f" ({param})" if param else "")
+    kind = (
+        "server_error"
+        if status >= 500
+        else "authentication_error"
+        if status == 401
+        else "rate_limit_error"
+        if status == 429
+        else "invalid_request_error"
+    )
+    body = {
+        "error": {
+            "message": detail,
+            "type": kind,
+            "param": param,
+            "code": code or _OPENAI_CODES.get(status, "error"),
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(
+    request: Request,
+    status: int,
+    detail: str,
+    *,
+    type_: str = "about:blank",
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """The error in the shape the route's clients read: OpenAI's on OPENAI_PATHS, else a
+    problem document."""
+    if request.url.path.startswith(OPENAI_PATHS):
+        return openai_error_response(
+            status, detail, headers=headers, errors=errors, param=param, code=code
+        )
+    return problem_response(status, detail, type_=type_, headers=headers, errors=errors)
+
+
 def not_found(what: str) -> ProblemError:
     return ProblemError(404, f"{what} not found")
 
@@ -113,30 +209,40 @@ def _safe_msg(msg: Any) -> str:
     return str(msg)[:300]
 
 
-async def _problem(_: Request, exc: Exception) -> JSONResponse:
+async def _problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    return problem_response(
-        exc.status, exc.detail, type_=exc.type, headers=exc.headers, errors=exc.errors
+    return error_response(
+        request,
+        exc.status,
+        exc.detail,
+        type_=exc.type,
+        headers=exc.headers,
+        errors=exc.errors,
+        param=exc.param,
+        code=exc.code,
     )
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{"loc": _loc(e.get("loc", ())), "msg": _safe_msg(e.get("msg"))} for e in exc.errors()]
-    return problem_response(422, "The request is not valid.", errors=errors)
+    return error_response(request, 422, "The request is not valid.", errors=errors)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
         # FastAPI answers a JSON body that is not UTF-8 with a bare 400; it is an invalid body,
         # like one that is not JSON (a 422 naming the body).
-        return problem_response(
+        return error_response(
+            request,
             422,
             "The request is not valid.",
             errors=[{"loc": ["body"], "msg": "JSON text must be valid UTF-8"}],
         )
-    return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    return error_response(
+        request, exc.status_code, str(exc.detail), headers=dict(exc.headers or {})
+    )
 
 
 # PostgreSQL's query_canceled: a statement stopped by the statement timeout (app.db).
@@ -160,7 +266,8 @@ async def _database(request: Request, exc: Exception) -> JSONResponse:
             request.url.path,
             " ".join(statement.split()),
         )
-        return problem_response(
+        return error_response(
+            request,
             503,
             "The request ran past the database's time limit and was stopped; try again "
             "shortly, or narrow it (a more specific search, a shorter period).",
@@ -170,19 +277,24 @@ async def _database(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "a backing service is unavailable on %s %s: %s", request.method, request.url.path, exc
     )
-    return problem_response(
-        503, "A backing service is unavailable; try again shortly.", headers={"Retry-After": "5"}
+    return error_response(
+        request,
+        503,
+        "A backing service is unavailable; try again shortly.",
+        headers={"Retry-After": "5"},
     )
 
 
-async def _data(_: Request, exc: Exception) -> JSONResponse:
+async def _data(request: Request, exc: Exception) -> JSONResponse:
     # A value PostgreSQL refuses (a NUL in a query parameter, say) is the client's input.
-    return problem_response(422, "The request holds a value that cannot be stored or searched.")
+    return error_response(
+        request, 422, "The request holds a value that cannot be stored or searched."
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(500, "An unexpected error occurred.")
+    return error_response(request, 500, "An unexpected error occurred.")
 
 
 def install_error_handlers(app: FastAPI) -> None:

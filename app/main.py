@@ -18,7 +18,13 @@ from app.config import get_settings
 from app.conversations.router import router as conversations_router
 from app.db import make_async_pool, session_scope, set_statement_timeout
 from app.deps import ASYNC_POOL_SIZE, OPS_SLOTS, SESSION_SLOTS
-from app.errors import PROBLEM_JSON, PROBLEM_SCHEMA, install_error_handlers
+from app.errors import (
+    OPENAI_ERROR_SCHEMA,
+    OPENAI_PATHS,
+    PROBLEM_JSON,
+    PROBLEM_SCHEMA,
+    install_error_handlers,
+)
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import UnsentCounts
@@ -26,6 +32,7 @@ from app.jobs.waiter import JobWaiter
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.redis import warn_about_the_broker
+from app.responses.router import router as responses_router
 from app.webhooks.router import router as webhooks_router
 
 
@@ -80,6 +87,10 @@ _CLIENT_ERRORS = _problem(
     "the limit, 422 an invalid request (with `errors`), 429 too many requests (`Retry-After`)."
 )
 _UNAVAILABLE = _problem("The database or Redis is unavailable (`Retry-After`).")
+_OPENAI_ERRORS = {
+    "description": "OpenAI's error shape, with the status codes of the rest of the API.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
+}
 
 
 def document_errors(document: dict[str, Any]) -> None:
@@ -90,12 +101,16 @@ def document_errors(document: dict[str, Any]) -> None:
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     schemas["Problem"] = PROBLEM_SCHEMA
+    schemas["OpenAIError"] = OPENAI_ERROR_SCHEMA
     components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
     for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            if path.startswith("/v1/"):
+            if path.startswith(OPENAI_PATHS):
+                operation["security"] = [{"apiKey": []}]
+                responses["4XX"] = responses["503"] = _OPENAI_ERRORS
+            elif path.startswith("/v1/"):
                 operation["security"] = [{"apiKey": []}]
                 responses["4XX"] = _CLIENT_ERRORS
                 responses["503"] = _UNAVAILABLE
@@ -129,6 +144,7 @@ def create_app() -> FastAPI:
         keys_router,
         admin_router,
         health_router,
+        responses_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from sse_starlette import ServerSentEvent
@@ -35,7 +37,42 @@ KEEP_ALIVE_SECONDS = 15
 RECHECK_SECONDS = 15.0
 
 StatusReader = Callable[[], Awaitable[JobStatus | None]]
-JobReader = Callable[[], Awaitable[JobOut]]
+
+
+@dataclass(frozen=True)
+class Ended:
+    """An ended job as `done` carries it (`data`: the Job for GET /v1/jobs/{id}/events, a
+    response for app.responses), and the reply it holds (replayed when the deltas expired)."""
+
+    data: Any
+    reply: str | None
+
+
+EndReader = Callable[[], Awaitable[Ended]]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """`status` and `delta` carry their data (`{"status"}`, `{"text"}`), `done` the ended
+    job as its EndReader read it."""
+
+    id: str
+    kind: Literal["status", "delta", "done"]
+    data: Any
+
+
+def job_ended(job: JobOut) -> Ended:
+    return Ended(job, None if job.reply is None else job.reply.content)
+
+
+def to_sse(event: JobEvent) -> ServerSentEvent:
+    """An event of GET /v1/jobs/{id}/events, `done` carrying the Job."""
+    if event.kind == "done":
+        job: JobOut = event.data
+        return ServerSentEvent(job.model_dump_json(), event="done", id=event.id)
+    return ServerSentEvent(
+        json.dumps(event.data, ensure_ascii=False), event=event.kind, id=event.id
+    )
 
 
 def resume_point(value: str | None) -> str | None:
@@ -60,8 +97,8 @@ async def events(
     job_id: str,
     after: str | None,
     read_status: StatusReader,
-    read_job: JobReader,
-) -> AsyncIterator[ServerSentEvent]:
+    read_end: EndReader,
+) -> AsyncIterator[JobEvent]:
     """The job's events after the event `after` (all of them for None), until `done`."""
     reader = _Reader(after)
     queue = waiter.follow(job_id)
@@ -70,7 +107,7 @@ async def events(
         rows = await redis.xrange(key, min=_after(reader.last))
         if not rows and not await redis.exists(key) and _ended(await read_status()):
             # Long ended: its deltas have expired. The reply is in the database.
-            for event in await _replayed_end(reader, read_job):
+            for event in await _replayed_end(reader, read_end):
                 yield event
             return
         if reader.before(QUEUED_ID):
@@ -81,11 +118,11 @@ async def events(
                 if not reader.before(entry.id):
                     continue
                 if entry.event == "end":
-                    yield await _done(reader, entry.id, read_job)
+                    yield await _done(reader, entry.id, read_end)
                     return
                 yield reader.entry(entry)
             if lost_end:
-                yield await _done(reader, job_events.next_id(reader.last), read_job)
+                yield await _done(reader, job_events.next_id(reader.last), read_end)
                 return
             pending, lost_end = await _next(redis, key, reader, queue, read_status)
     except ProblemError:
@@ -104,11 +141,11 @@ class _Reader:
         """Whether `entry_id` comes after what the reader has."""
         return job_events.id_key(entry_id) > job_events.id_key(self.last)
 
-    def event(self, entry_id: str, name: str, data: object) -> ServerSentEvent:
+    def event(self, entry_id: str, kind: Literal["status", "delta", "done"], data: Any) -> JobEvent:
         self.last = entry_id
-        return ServerSentEvent(json.dumps(data, ensure_ascii=False), event=name, id=entry_id)
+        return JobEvent(entry_id, kind, data)
 
-    def entry(self, entry: job_events.Entry) -> ServerSentEvent:
+    def entry(self, entry: job_events.Entry) -> JobEvent:
         if entry.event == "delta":
             return self.event(entry.id, "delta", {"text": entry.data})
         return self.event(entry.id, "status", {"status": entry.data})
@@ -143,23 +180,18 @@ def _ended(status: JobStatus | None) -> bool:
     return status is None or status in TERMINAL
 
 
-async def _replayed_end(reader: _Reader, read_job: JobReader) -> list[ServerSentEvent]:
-    job = await read_job()
+async def _replayed_end(reader: _Reader, read_end: EndReader) -> list[JobEvent]:
+    ended = await read_end()
     replayed = []
-    if job.reply is not None and reader.before(REPLY_ID):
-        replayed.append(reader.event(REPLY_ID, "delta", {"text": job.reply.content}))
+    if ended.reply is not None and reader.before(REPLY_ID):
+        replayed.append(reader.event(REPLY_ID, "delta", {"text": ended.reply}))
     if reader.before(DONE_ID):
-        replayed.append(_done_event(reader, DONE_ID, job))
+        replayed.append(reader.event(DONE_ID, "done", ended.data))
     return replayed
 
 
-async def _done(reader: _Reader, entry_id: str, read_job: JobReader) -> ServerSentEvent:
-    return _done_event(reader, entry_id, await read_job())
-
-
-def _done_event(reader: _Reader, entry_id: str, job: JobOut) -> ServerSentEvent:
-    reader.last = entry_id
-    return ServerSentEvent(job.model_dump_json(), event="done", id=entry_id)
+async def _done(reader: _Reader, entry_id: str, read_end: EndReader) -> JobEvent:
+    return reader.event(entry_id, "done", (await read_end()).data)
 
 
 def _after(entry_id: str) -> str:

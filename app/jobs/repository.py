@@ -30,7 +30,26 @@ TENANT_LOCK = "SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(tenant)s))
 NEW_CONVERSATION = """
 INSERT INTO conversations
   (id, tenant_id, system_prompt, metadata, turn_count, message_count, created_at, updated_at)
-VALUES (%(id)s, %(tenant)s, %(system_prompt)s, %(metadata)s, 1, 1, %(now)s, %(now)s)
+VALUES (%(id)s, %(tenant)s, %(system_prompt)s, %(metadata)s, %(turns)s, %(messages)s, %(now)s,
+  %(now)s)
+"""
+
+# An earlier turn a new conversation starts with (a Responses API `input` that holds the
+# transcript so far): a succeeded job with its two messages, as if it had run here, so that
+# prompts, transcripts and exports read it like any other. It never ran: no started_at.
+IMPORTED_TURN = """
+WITH job AS (
+  INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation, metadata,
+    attempts, cancel_requested, created_at, finished_at)
+  VALUES (%(id)s, %(tenant)s, %(conversation)s, %(turn)s, 'succeeded', %(generation)s,
+    %(metadata)s, 0, false, %(now)s, %(now)s)
+  RETURNING id
+)
+INSERT INTO messages (id, conversation_id, job_id, seq, role, content, created_at)
+SELECT %(user_id)s, %(conversation)s, job.id, %(user_seq)s, 'user', %(user)s, %(now)s FROM job
+UNION ALL
+SELECT %(reply_id)s, %(conversation)s, job.id, %(reply_seq)s, 'assistant', %(reply)s, %(now)s
+FROM job
 """
 
 # The next turn of the tenant's conversation; the UPDATE holds its row lock until the end of
@@ -54,9 +73,10 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE conversation_id = %(conversation)s
 NEW_JOB = """
 WITH job AS (
   INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation, metadata,
-    webhook_url, attempts, cancel_requested, created_at, ready_at, enqueued_at)
+    webhook_url, attempts, cancel_requested, created_at, ready_at, enqueued_at, background)
   VALUES (%(id)s, %(tenant)s, %(conversation)s, %(turn)s, 'queued', %(generation)s,
-    %(metadata)s, %(webhook_url)s, 0, false, %(now)s, %(ready_at)s, %(enqueued_at)s)
+    %(metadata)s, %(webhook_url)s, 0, false, %(now)s, %(ready_at)s, %(enqueued_at)s,
+    %(background)s)
   RETURNING id
 )
 INSERT INTO messages (id, conversation_id, job_id, seq, role, content, created_at)

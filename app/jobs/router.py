@@ -1,32 +1,23 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import redis
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.db import get_sessionmaker
-from app.deps import CurrentKey, SessionDep, SettingsDep, pooled_connection
-from app.errors import ProblemError, not_found
-from app.jobs import event_stream, idempotency, service
+from app.deps import CurrentKey, SessionDep, SettingsDep, run_in_session
+from app.errors import not_found
+from app.jobs import event_stream, idempotency, intake, service, waiting
 from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
 from app.jobs.waiter import JobWaiter
-from app.logs import log_context
-from app.metrics import JOBS_SUBMITTED
-from app.models import TERMINAL, JobStatus
+from app.models import JobStatus
 from app.pagination import CursorQuery, LimitQuery, Page
-from app.queue import RUN_TURN, send_now
-from app.redis import announce_job_ended, get_redis, request_cancel
 from app.webhooks import events as webhook_events
 from app.webhooks.schemas import WebhookAttemptOut, WebhookState
 
@@ -37,10 +28,6 @@ IdempotencyKeyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
-# While waiting, re-read the job's status at most this often in case a job-end notice was
-# lost: often while the job-end subscription is down, seldom while it is up.
-_RECHECK_SECONDS = 2.0
-_RECHECK_LISTENING_SECONDS = 15.0
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -64,34 +51,20 @@ async def submit_job(
             response.headers["Idempotent-Replayed"] = "true"
             return await _read_job_slotted(request, tenant, earlier)
     try:
-        async with pooled_connection(request) as conn, conn.transaction():
-            submitted = await service.submit_turn(
-                conn,
-                tenant_id=tenant,
-                request=body,
-                settings=settings,
-                unsent=request.app.state.unsent_counts,
-                idempotency_key=idempotency_key,
-            )
+        submitted = await intake.accept(
+            request,
+            tenant_id=tenant,
+            body=body,
+            settings=settings,
+            idempotency_key=idempotency_key,
+        )
     except BaseException:
         if idempotency_key is not None:
             async with request.app.state.session_slots:
                 await run_in_threadpool(_release, tenant, idempotency_key)
         raise
-    job = submitted.job
-    if submitted.send:
-        # Committed: now the broker (its client blocks, so in a thread).
-        await run_in_threadpool(send_now, RUN_TURN, [job.id])
-    JOBS_SUBMITTED.inc()
-    with log_context(job_id=job.id):
-        log.info(
-            "job accepted: tenant %s, conversation %s, turn %d",
-            tenant,
-            job.conversation_id,
-            submitted.turn,
-        )
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job
+    response.headers["Location"] = f"/v1/jobs/{submitted.job.id}"
+    return submitted.job
 
 
 async def _reserve(request: Request, tenant: str, key: str, body: JobCreate) -> str | None:
@@ -112,16 +85,14 @@ def _release(tenant: str, key: str) -> None:
         idempotency.release(session, tenant_id=tenant, key=key)
 
 
-def _read_job(tenant_id: str | None, job_id: str) -> JobOut:
-    with get_sessionmaker()() as session:
-        return to_job_out(session, service.get_job(session, tenant_id=tenant_id, job_id=job_id))
-
-
 async def _read_job_slotted(request: Request, tenant_id: str | None, job_id: str) -> JobOut:
-    # A connection is used under a session slot (see app.deps.get_session); a waiting
-    # request holds none between its reads.
-    async with request.app.state.session_slots:
-        return await run_in_threadpool(_read_job, tenant_id, job_id)
+    # A waiting request holds no connection between its reads.
+    return await run_in_session(
+        request,
+        lambda session: to_job_out(
+            session, service.get_job(session, tenant_id=tenant_id, job_id=job_id)
+        ),
+    )
 
 
 def _requested_wait(prefer: str | None, limit: int) -> int | None:
@@ -146,42 +117,19 @@ async def read_job(
             # Past the key's held requests, the current state at once (no Preference-Applied).
             return await _read_job_slotted(request, principal.readable_tenant, job_id)
         response.headers["Preference-Applied"] = f"wait={wait}"
-        return await _wait_for_end(request, waiter, principal.readable_tenant, job_id, wait)
+        return await _wait_for_end(request, principal.readable_tenant, job_id, wait)
 
 
-async def _wait_for_end(
-    request: Request, waiter: JobWaiter, tenant_id: str | None, job_id: str, wait: int
-) -> JobOut:
-    """While it waits, the request re-reads only its job's status, by primary key on the
-    async pool (on the event loop): a thousand held requests take no thread and no session
-    slot, and the whole job is read once, when it has ended or the wait is over."""
-    deadline = time.monotonic() + wait
-    event = waiter.subscribe(job_id)
-    try:
-        while True:
-            async with pooled_connection(request) as conn:
-                status = await service.job_status(conn, tenant_id=tenant_id, job_id=job_id)
-            remaining = deadline - time.monotonic()
-            if status is None or status in TERMINAL or remaining <= 0:
-                return await _read_job_slotted(request, tenant_id, job_id)  # None: its 404
-            recheck = _RECHECK_LISTENING_SECONDS if waiter.listening else _RECHECK_SECONDS
-            # Spread out: requests held at the same moment do not all re-read together.
-            recheck *= random.uniform(0.5, 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, recheck))
-            event.clear()
-    finally:
-        waiter.unsubscribe(job_id, event)
+async def _wait_for_end(request: Request, tenant_id: str | None, job_id: str, wait: int) -> JobOut:
+    # The whole job is read once, when it has ended or the wait is over (None: its 404).
+    await waiting.wait_for_end(request, tenant_id, job_id, wait)
+    return await _read_job_slotted(request, tenant_id, job_id)
 
 
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "The job's events."},
-        404: {"description": "No such job (or another tenant's)."},
-        429: {"description": "The key holds as many waiting requests as it may."},
-    },
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The job's events."}},
 )
 async def job_events(
     job_id: str,
@@ -201,17 +149,14 @@ async def job_events(
     waiter: JobWaiter = request.app.state.job_waiter
 
     async def read_status() -> JobStatus | None:
-        async with pooled_connection(request) as conn:
-            return await service.job_status(conn, tenant_id=tenant, job_id=job_id)
+        return await waiting.read_status(request, tenant, job_id)
+
+    async def read_end() -> event_stream.Ended:
+        return event_stream.job_ended(await _read_job_slotted(request, tenant, job_id))
 
     if await read_status() is None:
         raise not_found("Job")
-    if not waiter.has_room(principal.key_id, settings.max_held_requests_per_key):
-        raise ProblemError(
-            429,
-            "This key holds as many waiting requests and streams as it may; retry later.",
-            headers={"Retry-After": "5"},
-        )
+    waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         # Counted among the key's held requests for as long as it is read.
@@ -224,9 +169,9 @@ async def job_events(
                 job_id=job_id,
                 after=after,
                 read_status=read_status,
-                read_job=lambda: _read_job_slotted(request, tenant, job_id),
+                read_end=read_end,
             ):
-                yield event
+                yield event_stream.to_sse(event)
 
     return EventSourceResponse(stream(), ping=event_stream.KEEP_ALIVE_SECONDS)
 
@@ -237,14 +182,7 @@ def cancel_job(job_id: str, principal: CurrentKey, session: SessionDep) -> JobOu
     job = service.get_job(session, tenant_id=principal.readable_tenant, job_id=job_id)
     running = service.cancel_job(session, job=job)
     session.commit()
-    # The cancel is stored; telling the worker and the waiting clients through Redis is an
-    # optimisation (the worker also reads cancel_requested when it stores the end).
-    with contextlib.suppress(redis.RedisError):
-        client = get_redis()
-        if running:
-            request_cancel(client, job.id)
-        else:
-            announce_job_ended(client, job.id)
+    service.signal_cancel(job.id, running=running)
     return to_job_out(session, job)
 
 

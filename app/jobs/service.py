@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import redis
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
@@ -19,8 +22,9 @@ from app.errors import ProblemError, not_found
 from app.ids import new_id, plausible_id
 from app.jobs import fair_share, lifecycle, repository
 from app.jobs.schemas import JobCreate, JobOut
-from app.models import UNFINISHED, Job, JobStatus, user_seq
+from app.models import UNFINISHED, Job, JobStatus, reply_message_id, reply_seq, user_seq
 from app.models.base import utcnow
+from app.redis import announce_job_ended, get_redis, request_cancel
 from app.schemas import ChatMessage, GenerationSettings
 from app.webhooks.schemas import WebhookState
 
@@ -60,8 +64,16 @@ async def submit_turn(
     settings: Settings,
     unsent: UnsentCounts,
     idempotency_key: str | None = None,
+    earlier_turns: Sequence[tuple[str, str]] = (),
+    follows_turn: int | None = None,
+    background: bool | None = None,
 ) -> Submitted:
     """Store the user's message and its job in `conn`'s transaction, which the caller commits.
+
+    A new conversation may start with `earlier_turns`, (user message, reply) pairs stored as
+    turns that succeeded; a turn of an existing one, given `follows_turn`, must come right
+    after that turn (else 409: another turn was accepted since). `background` is stored as
+    the Responses API's request said.
 
     The tenant's counts (capacity and fair share) in one read, the conversation in one write
     (a turn of an existing conversation is an UPDATE, which takes its row lock: turns of one
@@ -89,7 +101,7 @@ async def submit_turn(
         )
     now = utcnow()
     if request.conversation_id is None:
-        conversation_id, turn = new_id("conv"), 1
+        conversation_id, turn = new_id("conv"), len(earlier_turns) + 1
         await conn.execute(
             repository.NEW_CONVERSATION,
             {
@@ -97,9 +109,22 @@ async def submit_turn(
                 "tenant": tenant_id,
                 "system_prompt": request.system_prompt,
                 "metadata": Jsonb(dict(request.metadata)),
+                "turns": turn,
+                "messages": 2 * turn - 1,
                 "now": now,
             },
         )
+        for number, (message, reply) in enumerate(earlier_turns, start=1):
+            await _import_turn(
+                conn,
+                tenant_id=tenant_id,
+                conversation_id=conversation_id,
+                turn=number,
+                message=message,
+                reply=reply,
+                generation=generation,
+                now=now,
+            )
         is_next = True
     else:
         conversation_id = request.conversation_id
@@ -110,6 +135,10 @@ async def submit_turn(
         if row is None:
             raise not_found("Conversation")
         turn = int(row[0])
+        if follows_turn is not None and turn != follows_turn + 1:
+            raise ProblemError(
+                409, "The previous response is not its conversation's latest any more."
+            )
         earlier = {"conversation": conversation_id, "turn": turn}
         (waits,) = await _one(conn, repository.EARLIER_UNFINISHED, earlier)
         is_next = not waits
@@ -139,6 +168,7 @@ async def submit_turn(
             "message_id": new_id("msg"),
             "seq": user_seq(turn),
             "content": request.message,
+            "background": background,
         },
     )
     if idempotency_key is not None:
@@ -159,6 +189,38 @@ async def submit_turn(
         metadata=dict(request.metadata),
     )
     return Submitted(job=job, turn=turn, send=send)
+
+
+async def _import_turn(
+    conn: AsyncConnection[TupleRow],
+    *,
+    tenant_id: str,
+    conversation_id: str,
+    turn: int,
+    message: str,
+    reply: str,
+    generation: GenerationSettings,
+    now: datetime,
+) -> None:
+    job_id = new_id("job")
+    await conn.execute(
+        repository.IMPORTED_TURN,
+        {
+            "id": job_id,
+            "tenant": tenant_id,
+            "conversation": conversation_id,
+            "turn": turn,
+            "generation": Jsonb(generation.model_dump(mode="json")),
+            "metadata": Jsonb({}),
+            "now": now,
+            "user_id": new_id("msg"),
+            "user_seq": user_seq(turn),
+            "user": message,
+            "reply_id": reply_message_id(job_id),
+            "reply_seq": reply_seq(turn),
+            "reply": reply,
+        },
+    )
 
 
 async def _one(conn: AsyncConnection[TupleRow], query: str, params: dict[str, Any]) -> TupleRow:
@@ -245,3 +307,15 @@ def cancel_job(session: Session, *, job: Job) -> bool:
         lifecycle.end_job(session, job, JobStatus.cancelled)
         return False
     return True
+
+
+def signal_cancel(job_id: str, *, running: bool) -> None:
+    """Once a cancel is committed: tell the worker running the job, or the requests waiting
+    on a job that has ended. An optimisation, so Redis being away is no error: the worker
+    reads cancel_requested when it stores the end, and waiters re-read the job."""
+    with contextlib.suppress(redis.RedisError):
+        client = get_redis()
+        if running:
+            request_cancel(client, job_id)
+        else:
+            announce_job_ended(client, job_id)

@@ -4,7 +4,7 @@ from app.models.api_key import ApiKey, Scope
 from app.models.conversation import Conversation
 from app.models.idempotency_key import IdempotencyKey
 from app.models.job import TERMINAL, UNFINISHED, Job, JobStatus
-from app.models.message import Message, reply_seq, user_seq
+from app.models.message import Message, reply_message_id, reply_seq, user_seq
 from app.models.tenant import Tenant
 from app.models.webhook_attempt import WebhookAttempt
 from app.models.webhook_event import WebhookEvent, WebhookStatus
@@ -25,6 +25,7 @@ __all__ = [
     "WebhookEvent",
     "WebhookSecret",
     "WebhookStatus",
+    "reply_message_id",
     "reply_seq",
     "user_seq",
 ]

@@ -94,6 +94,10 @@ class Job(CreatedAt, Base):
     context_messages: Mapped[int | None] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Why generation ended (stop, length, time, cancelled; migration 0009).
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    # As a POST /v1/responses asked (None: submitted through /v1/jobs).
+    background: Mapped[bool | None] = mapped_column(Boolean)
     # Claims so far; a turn that keeps failing ends `failed` after the configured maximum.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Set at each claim: only the claimant may store the end, so a redelivered copy stores nothing.

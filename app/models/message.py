@@ -61,3 +61,8 @@ def user_seq(turn: int) -> int:
 
 def reply_seq(turn: int) -> int:
     return 2 * turn
+
+
+def reply_message_id(job_id: str) -> str:
+    """The id of a job's reply: one per job, so a turn run twice cannot store two."""
+    return f"msg_{job_id.removeprefix('job_')}r"

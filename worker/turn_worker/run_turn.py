@@ -20,7 +20,7 @@ from app.context.store import Context
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.logs import log_context
-from app.models import Conversation, Job, JobStatus, Message, reply_seq
+from app.models import Conversation, Job, JobStatus, Message, reply_message_id, reply_seq
 from app.models.base import utcnow
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
@@ -196,12 +196,13 @@ def _finish(
         job.context_messages = context_messages
         job.prompt_tokens = result.prompt_tokens
         job.completion_tokens = result.completion_tokens
+        job.finish_reason = result.finish_reason
         succeeded = result.finish_reason != "cancelled" and not job.cancel_requested
         if succeeded:
             now = utcnow()
             session.add(
                 Message(
-                    id=f"msg_{job_id.removeprefix('job_')}r",
+                    id=reply_message_id(job_id),
                     conversation_id=turn.conversation_id,
                     job_id=job_id,
                     seq=reply_seq(turn.turn),
