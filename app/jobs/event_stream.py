@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from fastapi import Request
 from sse_starlette import ServerSentEvent
 
 from app import job_events
+from app.config import Settings
 from app.errors import ProblemError
+from app.jobs import waiting
 from app.jobs.schemas import JobOut
 from app.jobs.waiter import RESYNC, JobWaiter
 from app.models import TERMINAL, JobStatus
@@ -88,6 +91,33 @@ def resume_point(value: str | None) -> str | None:
             errors=[{"loc": ["header", "Last-Event-ID"], "msg": "not an event id"}],
         ) from None
     return value
+
+
+async def follow(
+    request: Request,
+    *,
+    key_id: str,
+    settings: Settings,
+    tenant_id: str | None,
+    job_id: str,
+    after: str | None,
+    read_end: EndReader,
+) -> AsyncIterator[JobEvent]:
+    """`events` for a request of the key `key_id`, counted among the key's held requests for
+    as long as it is read (the route refused it with a 429 if the key had no room)."""
+    waiter: JobWaiter = request.app.state.job_waiter
+    with waiter.hold(key_id, settings.max_held_requests_per_key) as held:
+        if not held:
+            return  # others took the last room meanwhile: the client reconnects
+        async for event in events(
+            redis=request.app.state.async_redis,
+            waiter=waiter,
+            job_id=job_id,
+            after=after,
+            read_status=lambda: waiting.read_status(request, tenant_id, job_id),
+            read_end=read_end,
+        ):
+            yield event
 
 
 async def events(
@@ -185,8 +215,10 @@ async def _replayed_end(reader: _Reader, read_end: EndReader) -> list[JobEvent]:
     replayed = []
     if ended.reply is not None and reader.before(REPLY_ID):
         replayed.append(reader.event(REPLY_ID, "delta", {"text": ended.reply}))
-    if reader.before(DONE_ID):
-        replayed.append(reader.event(DONE_ID, "done", ended.data))
+    # A reader resuming after events of the stream itself, now expired, gets the end alone:
+    # the Job holds the whole reply.
+    done_id = DONE_ID if reader.before(DONE_ID) else job_events.next_id(reader.last)
+    replayed.append(reader.event(done_id, "done", ended.data))
     return replayed
 
 

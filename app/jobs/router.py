@@ -16,7 +16,6 @@ from app.jobs import event_stream, idempotency, intake, service, waiting
 from app.jobs.presenter import to_job_out
 from app.jobs.schemas import JobCreate, JobOut
 from app.jobs.waiter import JobWaiter
-from app.models import JobStatus
 from app.pagination import CursorQuery, LimitQuery, Page
 from app.webhooks import events as webhook_events
 from app.webhooks.schemas import WebhookAttemptOut, WebhookState
@@ -148,30 +147,24 @@ async def job_events(
     tenant = principal.readable_tenant
     waiter: JobWaiter = request.app.state.job_waiter
 
-    async def read_status() -> JobStatus | None:
-        return await waiting.read_status(request, tenant, job_id)
+    if await waiting.read_status(request, tenant, job_id) is None:
+        raise not_found("Job")
+    waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
 
     async def read_end() -> event_stream.Ended:
         return event_stream.job_ended(await _read_job_slotted(request, tenant, job_id))
 
-    if await read_status() is None:
-        raise not_found("Job")
-    waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
-
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        # Counted among the key's held requests for as long as it is read.
-        with waiter.hold(principal.key_id, settings.max_held_requests_per_key) as held:
-            if not held:
-                return  # others took the last room meanwhile: the client reconnects
-            async for event in event_stream.events(
-                redis=request.app.state.async_redis,
-                waiter=waiter,
-                job_id=job_id,
-                after=after,
-                read_status=read_status,
-                read_end=read_end,
-            ):
-                yield event_stream.to_sse(event)
+        async for event in event_stream.follow(
+            request,
+            key_id=principal.key_id,
+            settings=settings,
+            tenant_id=tenant,
+            job_id=job_id,
+            after=after,
+            read_end=read_end,
+        ):
+            yield event_stream.to_sse(event)
 
     return EventSourceResponse(stream(), ping=event_stream.KEEP_ALIVE_SECONDS)
 

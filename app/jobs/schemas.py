@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from app.models import JobStatus
 from app.schemas import ChatMessage, MessageText, MetadataKey, MetadataValue, StorableText
@@ -14,22 +14,29 @@ MIN_TEMPERATURE = 0.01
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
+def numerically_safe_temperature(value: float | None) -> float | None:
+    # Logits divided by a temperature near zero overflow to infinity and sampling fails:
+    # 0 means greedy, anything else starts at MIN_TEMPERATURE.
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
+Temperature = Annotated[
+    float | None,
+    Field(ge=0.0, le=2.0, allow_inf_nan=False),
+    AfterValidator(numerically_safe_temperature),
+]
+TopP = Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class GenerationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Temperature = None
+    top_p: TopP = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-
-    @field_validator("temperature")
-    @classmethod
-    def _numerically_safe(cls, value: float | None) -> float | None:
-        # Logits divided by a temperature near zero overflow to infinity and sampling fails:
-        # 0 means greedy, anything else starts at MIN_TEMPERATURE.
-        if value is not None and 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return value
 
 
 class JobCreate(BaseModel):

@@ -22,7 +22,6 @@ from app.errors import ProblemError
 from app.jobs import event_stream, intake, waiting
 from app.jobs import service as jobs_service
 from app.jobs.waiter import JobWaiter
-from app.models import JobStatus
 from app.responses import service
 from app.responses.events import response_events
 from app.responses.schemas import Model, ModelList, ResponseCreate, ResponseObject
@@ -50,6 +49,7 @@ async def create_response(
     and otherwise the request is held until the response has ended."""
     service.refuse_the_unsupported(body)
     service.check_model(body, settings)
+    service.check_limits(body, settings)
     tenant = principal.tenant_id
     conversation_id = follows_turn = None
     if body.previous_response_id is not None:
@@ -150,28 +150,21 @@ async def _stream(
     waiter: JobWaiter = request.app.state.job_waiter
     waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
 
-    async def read_status() -> JobStatus | None:
-        return await waiting.read_status(request, tenant, response_id)
-
     async def read_end() -> event_stream.Ended:
         final = await _read(request, tenant, response_id, settings)
         return event_stream.Ended(final, final.output[0].content[0].text if final.output else None)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        with waiter.hold(principal.key_id, settings.max_held_requests_per_key) as held:
-            if not held:
-                return
-            job_events = event_stream.events(
-                redis=request.app.state.async_redis,
-                waiter=waiter,
-                job_id=response_id,
-                after=None,
-                read_status=read_status,
-                read_end=read_end,
-            )
-            async for event in response_events(
-                job_events, start=start, starting_after=starting_after
-            ):
-                yield event
+        job_events = event_stream.follow(
+            request,
+            key_id=principal.key_id,
+            settings=settings,
+            tenant_id=tenant,
+            job_id=response_id,
+            after=None,
+            read_end=read_end,
+        )
+        async for event in response_events(job_events, start=start, starting_after=starting_after):
+            yield event
 
     return EventSourceResponse(events(), ping=event_stream.KEEP_ALIVE_SECONDS)

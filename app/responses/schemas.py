@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.jobs.schemas import GenerationIn, Metadata
+from app.jobs.schemas import GenerationIn, Metadata, Temperature, TopP
 from app.schemas import StorableText
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -39,8 +39,8 @@ class ResponseCreate(BaseModel):
     background: bool = False
     stream: bool = False
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Temperature = None
+    top_p: TopP = None
     metadata: Metadata = Field(default_factory=dict)
     store: bool = True
     # Accepted only as what Parley does anyway: no tools, text output.

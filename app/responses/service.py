@@ -39,6 +39,8 @@ _STATUS: dict[JobStatus, ResponseStatus] = {
     JobStatus.cancelled: "cancelled",
 }
 _TEXT_PARTS = ("input_text", "output_text")
+# A turn's fields as the request names them.
+_PARAMS = {"message": "input", "system_prompt": "instructions", "metadata": "metadata"}
 
 # The turn a continued conversation's response follows: the previous response's.
 PREVIOUS_TURN = """
@@ -92,6 +94,17 @@ def refuse_the_unsupported(body: ResponseCreate) -> None:
         raise bad_request("Parley runs no tools.", param="parallel_tool_calls")
 
 
+def check_limits(body: ResponseCreate, settings: Settings) -> None:
+    """The server's limits, named as the request names them (the job's names are others)."""
+    limit = settings.max_new_tokens_limit
+    if body.max_output_tokens is not None and body.max_output_tokens > limit:
+        raise ProblemError(
+            422,
+            f"max_output_tokens may be at most {limit}.",
+            errors=[{"loc": ["body", "max_output_tokens"], "msg": "too large"}],
+        )
+
+
 def check_model(body: ResponseCreate, settings: Settings) -> None:
     if body.model != settings.served_model:
         raise ProblemError(
@@ -131,19 +144,26 @@ def as_turn(body: ResponseCreate, *, conversation_id: str | None) -> Turn:
             "system or earlier messages: the conversation has them).",
             param="input" if earlier else "instructions",
         )
+    generation = body.generation()  # its fields were validated as the request's
     try:
         job = JobCreate(
             message=message,
             conversation_id=conversation_id,
             system_prompt="\n\n".join(system) if system else None,
-            generation=body.generation(),
+            generation=generation,
             metadata=body.metadata,
         )
     except ValidationError as exc:
         raise ProblemError(
             422,
             "The request is not valid.",
-            errors=[{"loc": ["body", "input"], "msg": str(e["msg"])[:300]} for e in exc.errors()],
+            errors=[
+                {
+                    "loc": ["body", _PARAMS.get(str(e["loc"][0]), "input")],
+                    "msg": str(e["msg"])[:300],
+                }
+                for e in exc.errors()
+            ],
         ) from None
     return Turn(job, [(u[1], a[1]) for u, a in pairs])
 

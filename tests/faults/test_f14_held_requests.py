@@ -109,3 +109,88 @@ def test_f14_held_requests_do_not_slow_another_tenant(
     assert at_once == HELD - CAP and still_held == CAP
     assert percentile(held, 0.99) < 0.200
     assert max(probes) < 1.0
+
+
+STREAMS = 1200
+
+
+def _stream(
+    base_url: str,
+    key: str,
+    job_ids: list[str],
+    opened: list[int],
+    refused: list[int],
+    stop: threading.Event,
+) -> None:
+    """In a thread of its own: STREAMS event streams of queued jobs at once; `opened` counts
+    those that told their job's `queued` status and stay open, `refused` the 429s."""
+
+    async def one(client: httpx.AsyncClient, n: int) -> None:
+        path = f"/v1/jobs/{job_ids[n % len(job_ids)]}/events"
+        async with client.stream("GET", path, headers={"Authorization": f"Bearer {key}"}) as r:
+            if r.status_code == 429:
+                refused.append(n)
+                return
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line == 'data: {"status": "queued"}':
+                    opened.append(n)
+            # Nothing more: the job stays queued, the stream open until cancelled.
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=90) as client:
+            tasks = [asyncio.create_task(one(client, n)) for n in range(STREAMS)]
+            await asyncio.to_thread(stop.wait)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+@pytest.mark.faults
+def test_f14_open_streams_do_not_slow_another_tenant(
+    make_world: Callable[..., FaultWorld],
+) -> None:
+    world = make_world(MAX_HELD_REQUESTS_PER_KEY=str(CAP))
+    world.api()
+    holder, other = world.create_key("f14-a"), world.create_key("f14-b")
+    # No worker runs: the jobs stay queued, and their streams stay open.
+    job_ids = [world.submit(holder, f"Streamed {n}.")["id"] for n in range(20)]
+    _submit_latencies(world, other)  # warm
+    idle = _submit_latencies(world, other)
+
+    opened: list[int] = []
+    refused: list[int] = []
+    stop = threading.Event()
+    args = (world.base_url, holder, job_ids, opened, refused, stop)
+    thread = threading.Thread(target=_stream, args=args)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(opened) + len(refused) < STREAMS:
+            assert time.monotonic() < deadline, f"{len(opened)} open, {len(refused)} refused"
+            time.sleep(0.1)
+        time.sleep(1)
+        held = _submit_latencies(world, other)
+        probes = []
+        for path in ("/readyz", "/metrics") * 10:
+            started = time.perf_counter()
+            answer = world.http.get(path)
+            probes.append(time.perf_counter() - started)
+            assert answer.status_code in (200, 503), answer.text
+        still_open = len(opened)
+    finally:
+        stop.set()
+        thread.join(60)
+    print(
+        f"FAULT F14 streams={STREAMS} cap_per_key={CAP} open={still_open} "
+        f"refused={len(refused)} submits={SUBMITS} "
+        f"submit_p50_ms_idle={_ms(idle, 0.5):.0f} submit_p99_ms_idle={_ms(idle, 0.99):.0f} "
+        f"submit_p50_ms_streams={_ms(held, 0.5):.0f} "
+        f"submit_p99_ms_streams={_ms(held, 0.99):.0f} probe_max_ms={max(probes) * 1000:.0f}"
+    )
+    assert still_open == CAP and len(refused) == STREAMS - CAP
+    assert percentile(held, 0.99) < 0.200
+    assert max(probes) < 1.0

@@ -92,6 +92,9 @@ def test_an_expired_stream_replays_the_whole_reply(
     assert [e.event for e in events] == ["delta", "done"]
     assert _reply(events) == ended["reply"]["content"]
     assert _done(events)["id"] == job["id"]
+    # A reader that had events of the stream itself, now gone, is told the end.
+    resumed = _read(live_api, key, job["id"], headers={"Last-Event-ID": "1796301234567-3"})
+    assert [e.event for e in resumed] == ["done"] and resumed[0].id == "1796301234567-4"
 
 
 def test_a_cancelled_queued_job_streams_its_end(api: Api, live_api: str) -> None:

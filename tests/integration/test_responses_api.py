@@ -235,3 +235,25 @@ def test_what_parley_does_not_do_is_a_clear_400(
     error = answer.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "Hi", "temperature": 0.001}, "temperature"),
+        ({"input": "   "}, "input"),
+        ({"input": "Hi", "instructions": "x" * 32_001}, "instructions"),
+        ({"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ],
+)
+def test_an_invalid_value_is_a_422_naming_it(
+    live_api: str, key: str, model: str, body: dict[str, Any], param: str
+) -> None:
+    answer = httpx.post(
+        f"{live_api}/v1/responses",
+        json={"model": model, **body},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"] == param
