@@ -10,6 +10,7 @@ settings.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx_sse
 import psycopg
 import redis
 
@@ -214,6 +216,20 @@ class FaultWorld:
         )
         assert answer.status_code == 202, answer.text
         return dict(answer.json())
+
+    def streamed_reply(self, key: str, job_id: str) -> str:
+        """The reply as the job's event stream tells it: its deltas, joined."""
+        pieces = []
+        with httpx_sse.connect_sse(
+            self.http,
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers={"Authorization": f"Bearer {key}"},
+        ) as source:
+            for event in source.iter_sse():
+                if event.event == "delta":
+                    pieces.append(json.loads(event.data)["text"])
+        return "".join(pieces)
 
     def new_conversations(
         self, key: str, count: int, *, max_new_tokens: int, **body: Any

@@ -78,6 +78,17 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
 
     second = world.worker("f1-second")
     outcome, recovery_s = world.wait_terminal(ids, timeout=60)
+    # Turns run again after the kill streamed anew: their streams still add up to the reply
+    # (a greedy turn repeats itself; only what goes beyond the first attempt's is sent).
+    with world.db() as conn:
+        retried = dict(
+            conn.execute(
+                "SELECT j.id, m.content FROM jobs j JOIN messages m ON m.job_id = j.id"
+                " AND m.role = 'assistant' WHERE j.id = ANY(%s) AND j.attempts > 1",
+                [ids],
+            ).fetchall()
+        )
+    broken_streams = [j for j, reply in retried.items() if world.streamed_reply(key, j) != reply]
     report(
         "F1",
         len(ids),
@@ -90,6 +101,8 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
         lost_unsent=len(lost_unsent),
         max_attempts=outcome.max_attempts,
         duplicate_events=outcome.duplicate_events,
+        retried_streams=len(retried),
+        broken_streams=len(broken_streams),
     )
     world.require(
         outcome.terminal == len(ids),
@@ -99,4 +112,5 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
     world.require(outcome.succeeded == len(ids), f"all succeeded: {outcome}")
     assert outcome.duplicate_replies == 0
     assert outcome.duplicate_events == 0
+    assert not broken_streams, broken_streams
     assert second.poll() is None
