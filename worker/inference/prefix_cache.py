@@ -48,6 +48,7 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.reused_tokens = 0  # prompt tokens served from the cache instead of prefilled
 
     def lookup(self, key: str, ids: list[int]) -> PrefixHit | None:
         """The cached prefix of `ids`, leaving at least one token to prefill (for its logits)."""
@@ -60,6 +61,7 @@ class PrefixCache:
             self.misses += 1
             return None
         self.hits += 1
+        self.reused_tokens += shared
         return PrefixHit(shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in entry.layers])
 
     def store(self, key: str, ids: list[int], layers: Layers) -> None:

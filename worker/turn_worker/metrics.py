@@ -6,9 +6,14 @@ publishes a snapshot each time), so one scrape of the API shows every worker.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from worker.inference.engine_types import StepStats
+from worker.inference.prefix_cache import PrefixCache
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -55,6 +60,35 @@ RUN_TIME = Histogram(
 TURNS_ENDED = Counter(
     "parley_turns_ended", "Turns ended by this worker, by status.", ["status"], registry=REGISTRY
 )
+
+
+class PrefixCacheCollector(Collector):
+    """The engine's prefix cache (worker/inference/prefix_cache.py): lookups that found the
+    conversation's last turn, those that did not, and the prompt tokens it saved prefilling."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        cache = self._cache
+        for name, help_text, value in (
+            (
+                "parley_worker_prefix_cache_hits",
+                "Prompts that reused a kept cache.",
+                self._cache.hits,
+            ),
+            ("parley_worker_prefix_cache_misses", "Prompts prefilled whole.", cache.misses),
+            (
+                "parley_worker_prefix_cache_reused_tokens",
+                "Prompt tokens served from kept caches instead of prefilled.",
+                cache.reused_tokens,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+
+
+def observe_prefix_cache(cache: PrefixCache) -> None:
+    REGISTRY.register(PrefixCacheCollector(cache))
 
 
 def observe_step(stats: StepStats) -> None:

@@ -14,7 +14,7 @@ from worker.inference.engine import Engine
 from worker.inference.loader import LoadedModel, load_model
 from worker.turn_worker.cancel_watch import CancelWatch
 from worker.turn_worker.event_publisher import EventPublisher
-from worker.turn_worker.metrics import observe_step
+from worker.turn_worker.metrics import observe_prefix_cache, observe_step
 
 log = logging.getLogger("parley.worker")
 
@@ -75,4 +75,6 @@ def start_runtime() -> Runtime:
             cancels=CancelWatch(get_redis()),
             events=EventPublisher(get_redis()),
         )
+        if _runtime.engine.prefix_cache is not None:
+            observe_prefix_cache(_runtime.engine.prefix_cache)
     return _runtime
