@@ -24,11 +24,10 @@ from fastapi import Request
 from sse_starlette import ServerSentEvent
 
 from app import job_events
-from app.config import Settings
 from app.errors import ProblemError
 from app.jobs import waiting
 from app.jobs.schemas import JobOut
-from app.jobs.waiter import RESYNC, JobWaiter
+from app.jobs.waiter import RESYNC, JobWaiter, Reservation
 from app.models import TERMINAL, JobStatus
 
 # Ids of the events a reader makes up, before any the stream makes (`ms-seq`, ms > 0).
@@ -96,28 +95,26 @@ def resume_point(value: str | None) -> str | None:
 async def follow(
     request: Request,
     *,
-    key_id: str,
-    settings: Settings,
+    reservation: Reservation,
     tenant_id: str | None,
     job_id: str,
     after: str | None,
     read_end: EndReader,
 ) -> AsyncIterator[JobEvent]:
-    """`events` for a request of the key `key_id`, counted among the key's held requests for
-    as long as it is read (the route refused it with a 429 if the key had no room)."""
-    waiter: JobWaiter = request.app.state.job_waiter
-    with waiter.hold(key_id, settings.max_held_requests_per_key) as held:
-        if not held:
-            return  # others took the last room meanwhile: the client reconnects
+    """`events` for a request, which holds `reservation` (its place among its key's held
+    requests, waiting.reserve_a_hold) until the stream ends."""
+    try:
         async for event in events(
             redis=request.app.state.async_redis,
-            waiter=waiter,
+            waiter=request.app.state.job_waiter,
             job_id=job_id,
             after=after,
             read_status=lambda: waiting.read_status(request, tenant_id, job_id),
             read_end=read_end,
         ):
             yield event
+    finally:
+        reservation.release()
 
 
 async def events(

@@ -149,7 +149,7 @@ async def job_events(
 
     if await waiting.read_status(request, tenant, job_id) is None:
         raise not_found("Job")
-    waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
+    reservation = waiting.reserve_a_hold(waiter, principal.key_id, settings)
 
     async def read_end() -> event_stream.Ended:
         return event_stream.job_ended(await _read_job_slotted(request, tenant, job_id))
@@ -157,8 +157,7 @@ async def job_events(
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async for event in event_stream.follow(
             request,
-            key_id=principal.key_id,
-            settings=settings,
+            reservation=reservation,
             tenant_id=tenant,
             job_id=job_id,
             after=after,

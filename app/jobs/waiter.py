@@ -89,25 +89,31 @@ class JobWaiter:
         for queue in self._followers.get(job_id, ()):
             queue.put_nowait(entry)
 
-    def has_room(self, key_id: str, limit: int) -> bool:
-        """Whether `hold` would let a request of `key_id` be held now."""
-        return self._held[key_id] < limit
+    def reserve(self, key_id: str, limit: int) -> Reservation | None:
+        """A hold for a request of `key_id`, if the key has room (at most `limit` at once per
+        key in this process); None if not. Runs on the event loop only, so the count needs
+        no lock. A stream reserves before its response starts, so that a 429 is decided
+        there, and releases when it ends."""
+        if self._held[key_id] >= limit:
+            return None
+        self._held[key_id] += 1
+        return Reservation(self, key_id)
+
+    def _release(self, key_id: str) -> None:
+        self._held[key_id] -= 1
+        if not self._held[key_id]:
+            del self._held[key_id]
 
     @contextlib.contextmanager
     def hold(self, key_id: str, limit: int) -> Iterator[bool]:
-        """Whether a request of `key_id` may be held now (at most `limit` at once per key in
-        this process); the hold lasts for the `with` block. Runs on the event loop only, so
-        the count needs no lock."""
-        if not self.has_room(key_id, limit):
-            yield False
-            return
-        self._held[key_id] += 1
+        """Whether a request of `key_id` may be held now; the hold lasts for the `with`
+        block (see reserve)."""
+        reservation = self.reserve(key_id, limit)
         try:
-            yield True
+            yield reservation is not None
         finally:
-            self._held[key_id] -= 1
-            if not self._held[key_id]:
-                del self._held[key_id]
+            if reservation is not None:
+                reservation.release()
 
     def subscribe(self, job_id: str) -> asyncio.Event:
         """An event set when `job_id` is announced as ended. Subscribe before reading the
@@ -136,3 +142,21 @@ class JobWaiter:
             followers.discard(queue)
             if not followers:
                 del self._followers[job_id]
+
+
+class Reservation:
+    """One held request's place among its key's (JobWaiter.reserve). Released once, by
+    `release` or, should the request never have run (a stream whose client left before it
+    started), when it is dropped."""
+
+    def __init__(self, waiter: JobWaiter, key_id: str) -> None:
+        self._waiter: JobWaiter | None = waiter
+        self._key_id = key_id
+
+    def release(self) -> None:
+        if self._waiter is not None:
+            self._waiter._release(self._key_id)
+            self._waiter = None
+
+    def __del__(self) -> None:
+        self.release()

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.deps import pooled_connection
 from app.errors import ProblemError
 from app.jobs import service
-from app.jobs.waiter import JobWaiter
+from app.jobs.waiter import JobWaiter, Reservation
 from app.models import TERMINAL, JobStatus
 
 # While waiting, re-read the job's status at most this often in case a job-end notice was
@@ -23,15 +23,17 @@ RECHECK_SECONDS = 2.0
 RECHECK_LISTENING_SECONDS = 15.0
 
 
-def refuse_past_the_keys_holds(waiter: JobWaiter, key_id: str, settings: Settings) -> None:
-    """A 429 for a stream the key has no room to hold (MAX_HELD_REQUESTS_PER_KEY): unlike a
-    held GET, a stream cannot be answered at once instead."""
-    if not waiter.has_room(key_id, settings.max_held_requests_per_key):
+def reserve_a_hold(waiter: JobWaiter, key_id: str, settings: Settings) -> Reservation:
+    """A stream's place among its key's held requests (MAX_HELD_REQUESTS_PER_KEY), or a 429:
+    unlike a held GET, a stream cannot be answered at once instead."""
+    reservation = waiter.reserve(key_id, settings.max_held_requests_per_key)
+    if reservation is None:
         raise ProblemError(
             429,
             "This key holds as many waiting requests and streams as it may; retry later.",
             headers={"Retry-After": "5"},
         )
+    return reservation
 
 
 async def read_status(request: Request, tenant_id: str | None, job_id: str) -> JobStatus | None:

@@ -21,7 +21,7 @@ from app.deps import CurrentKey, SettingsDep, pooled_connection, run_in_session
 from app.errors import ProblemError
 from app.jobs import event_stream, intake, waiting
 from app.jobs import service as jobs_service
-from app.jobs.waiter import JobWaiter
+from app.jobs.waiter import JobWaiter, Reservation
 from app.responses import service
 from app.responses.events import response_events
 from app.responses.schemas import Model, ModelList, ResponseCreate, ResponseObject
@@ -50,6 +50,11 @@ async def create_response(
     service.refuse_the_unsupported(body)
     service.check_model(body, settings)
     service.check_limits(body, settings)
+    waiter: JobWaiter = request.app.state.job_waiter
+    # A stream's place is taken before anything is stored: a 429 means nothing was created.
+    reservation = (
+        waiting.reserve_a_hold(waiter, principal.key_id, settings) if body.stream else None
+    )
     tenant = principal.tenant_id
     conversation_id = follows_turn = None
     if body.previous_response_id is not None:
@@ -74,10 +79,10 @@ async def create_response(
             exc.param, exc.code = "previous_response_id", "not_found"
         raise
     response_id = submitted.job.id
-    if body.stream:
-        return await _stream(request, principal, settings, response_id, starting_after=-1)
+    if reservation is not None:
+        start = await _read(request, tenant, response_id, settings)
+        return await _stream(request, reservation, settings, tenant, start, starting_after=-1)
     if not body.background:
-        waiter: JobWaiter = request.app.state.job_waiter
         with waiter.hold(principal.key_id, settings.max_held_requests_per_key) as held:
             if held:
                 # Up to the generation time limit, and the time the turn may queue meanwhile.
@@ -98,8 +103,12 @@ async def retrieve_response(
     """The response; with `stream=true` its events, after `starting_after` if given."""
     if not stream:
         return await _read(request, principal.readable_tenant, response_id, settings)
+    tenant = principal.readable_tenant
+    start = await _read(request, tenant, response_id, settings)  # a 404 before a 429
+    waiter: JobWaiter = request.app.state.job_waiter
+    reservation = waiting.reserve_a_hold(waiter, principal.key_id, settings)
     after = -1 if starting_after is None else starting_after
-    return await _stream(request, principal, settings, response_id, starting_after=after)
+    return await _stream(request, reservation, settings, tenant, start, starting_after=after)
 
 
 @router.post("/responses/{response_id}/cancel", response_model=ResponseObject)
@@ -139,28 +148,26 @@ async def _read(
 
 async def _stream(
     request: Request,
-    principal: CurrentKey,
+    reservation: Reservation,
     settings: SettingsDep,
-    response_id: str,
+    tenant_id: str | None,
+    start: ResponseObject,
     *,
     starting_after: int,
 ) -> EventSourceResponse:
-    tenant = principal.readable_tenant
-    start = await _read(request, tenant, response_id, settings)
-    waiter: JobWaiter = request.app.state.job_waiter
-    waiting.refuse_past_the_keys_holds(waiter, principal.key_id, settings)
+    """The response's events; `start` is the response as read now, `reservation` the
+    stream's place among its key's held requests (released when the stream ends)."""
 
     async def read_end() -> event_stream.Ended:
-        final = await _read(request, tenant, response_id, settings)
+        final = await _read(request, tenant_id, start.id, settings)
         return event_stream.Ended(final, final.output[0].content[0].text if final.output else None)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         job_events = event_stream.follow(
             request,
-            key_id=principal.key_id,
-            settings=settings,
-            tenant_id=tenant,
-            job_id=response_id,
+            reservation=reservation,
+            tenant_id=tenant_id,
+            job_id=start.id,
             after=None,
             read_end=read_end,
         )

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from app.responses.schemas import (
     ResponseStatus,
     ResponseUsage,
 )
+from app.schemas import MessageText
 
 _STATUS: dict[JobStatus, ResponseStatus] = {
     JobStatus.queued: "queued",
@@ -39,6 +40,8 @@ _STATUS: dict[JobStatus, ResponseStatus] = {
     JobStatus.cancelled: "cancelled",
 }
 _TEXT_PARTS = ("input_text", "output_text")
+# An earlier message of an input transcript is stored as a message is (no NUL, valid text).
+_MESSAGE: TypeAdapter[str] = TypeAdapter(MessageText)
 # A turn's fields as the request names them.
 _PARAMS = {"message": "input", "system_prompt": "instructions", "metadata": "metadata"}
 
@@ -165,7 +168,17 @@ def as_turn(body: ResponseCreate, *, conversation_id: str | None) -> Turn:
                 for e in exc.errors()
             ],
         ) from None
-    return Turn(job, [(u[1], a[1]) for u, a in pairs])
+    try:
+        earlier_turns = [
+            (_MESSAGE.validate_python(u[1]), _MESSAGE.validate_python(a[1])) for u, a in pairs
+        ]
+    except ValidationError as exc:
+        raise ProblemError(
+            422,
+            "The request is not valid.",
+            errors=[{"loc": ["body", "input"], "msg": str(e["msg"])} for e in exc.errors()],
+        ) from None
+    return Turn(job, earlier_turns)
 
 
 def _text(message: InputMessage, index: int) -> str:

@@ -244,6 +244,16 @@ def test_what_parley_does_not_do_is_a_clear_400(
         ({"input": "   "}, "input"),
         ({"input": "Hi", "instructions": "x" * 32_001}, "instructions"),
         ({"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "Hi\u0000"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Go on."},
+                ]
+            },
+            "input",
+        ),
     ],
 )
 def test_an_invalid_value_is_a_422_naming_it(
