@@ -120,6 +120,7 @@ _OPENAI_CODES = {
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
+_OPENAI_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 
 
 OPENAI_ERROR_SCHEMA: dict[str, Any] = {
@@ -156,15 +157,7 @@ def openai_error_response(
         param = ".".join(loc) or None
     if errors:
         detail = f"{detail} {errors[0]['msg']}" + (f" ({param})" if param else "")
-    kind = (
-        "server_error"
-        if status >= 500
-        else "authentication_error"
-        if status == 401
-        else "rate_limit_error"
-        if status == 429
-        else "invalid_request_error"
-    )
+    kind = "server_error" if status >= 500 else _OPENAI_TYPES.get(status, "invalid_request_error")
     body = {
         "error": {
             "message": detail,

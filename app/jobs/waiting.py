@@ -1,5 +1,6 @@
-"""Waiting for a job to end without holding a connection: `Prefer: wait`, a foreground
-`POST /v1/responses`, and the readers of event streams all wait this way."""
+"""Waiting on a job without holding a connection: `Prefer: wait` and a foreground
+`POST /v1/responses` wait here for its end, and a stream takes its place among its key's
+held requests here (its readers follow the job in app.jobs.event_stream)."""
 
 from __future__ import annotations
 

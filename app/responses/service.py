@@ -157,28 +157,30 @@ def as_turn(body: ResponseCreate, *, conversation_id: str | None) -> Turn:
             metadata=body.metadata,
         )
     except ValidationError as exc:
-        raise ProblemError(
-            422,
-            "The request is not valid.",
-            errors=[
-                {
-                    "loc": ["body", _PARAMS.get(str(e["loc"][0]), "input")],
-                    "msg": str(e["msg"])[:300],
-                }
-                for e in exc.errors()
-            ],
-        ) from None
+        raise _invalid(exc) from None
     try:
         earlier_turns = [
             (_MESSAGE.validate_python(u[1]), _MESSAGE.validate_python(a[1])) for u, a in pairs
         ]
     except ValidationError as exc:
-        raise ProblemError(
-            422,
-            "The request is not valid.",
-            errors=[{"loc": ["body", "input"], "msg": str(e["msg"])} for e in exc.errors()],
-        ) from None
+        raise _invalid(exc) from None
     return Turn(job, earlier_turns)
+
+
+def _invalid(exc: ValidationError) -> ProblemError:
+    """A 422 naming the request's parameter: a turn's field by its name here (`_PARAMS`),
+    anything else (an earlier message of the input) as `input`."""
+    return ProblemError(
+        422,
+        "The request is not valid.",
+        errors=[
+            {
+                "loc": ["body", _PARAMS.get(str(e["loc"][0]) if e["loc"] else "", "input")],
+                "msg": str(e["msg"])[:300],
+            }
+            for e in exc.errors()
+        ],
+    )
 
 
 def _text(message: InputMessage, index: int) -> str:

@@ -1,17 +1,18 @@
-"""F14: 2,000 requests held with `Prefer: wait=60` by one key. Another tenant's submit p99
-stays under 200 ms, and health and metrics answer.
+"""F14: 2,000 requests held with `Prefer: wait=60` by one key, and 1,200 event streams held
+open by one key. Another tenant's submit p99 stays under 200 ms, and health and metrics answer.
 
-The key may hold MAX_HELD_REQUESTS_PER_KEY (here 1,000) at once; the others are answered at
-once with the job's current state. A held request holds no database connection while it
-waits (it re-reads its job under a session slot now and then, and at the job-end notice), and
-/readyz and /metrics have slots of their own."""
+The key may hold MAX_HELD_REQUESTS_PER_KEY (here 1,000) at once; past it a held request is
+answered at once with the job's current state, and a stream is a 429. A waiting request
+holds no database connection (it re-reads its job's status by primary key now and then, and
+at the job-end notice), and /readyz and /metrics have slots of their own."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import httpx
 import pytest
@@ -20,35 +21,40 @@ from bench.report import percentile
 from tests.faults.harness import FaultWorld
 
 HELD = 2000
+STREAMS = 1200
 CAP = 1000
 SUBMITS = 200
 
 
-def _hold(
-    base_url: str, key: str, job_ids: list[str], answered: list[int], stop: threading.Event
-) -> None:
-    """In a thread of its own: HELD requests at once, each waiting on one of `job_ids`;
-    `answered` counts those answered before `stop` (at once, past the key's cap)."""
+Request = Callable[[httpx.AsyncClient, int], Coroutine[Any, Any, None]]
 
-    async def one(client: httpx.AsyncClient, n: int) -> None:
-        answer = await client.get(
-            f"/v1/jobs/{job_ids[n % len(job_ids)]}",
-            headers={"Authorization": f"Bearer {key}", "Prefer": "wait=60"},
-        )
-        assert answer.status_code == 200, answer.text
-        assert "Preference-Applied" not in answer.headers
-        answered.append(n)
+
+def _all_at_once(base_url: str, count: int, one: Request, stop: threading.Event) -> None:
+    """In a thread of its own: `one(client, n)` for n in range(count), all at once, each on a
+    connection of its own, until `stop`."""
 
     async def run() -> None:
-        limits = httpx.Limits(max_connections=HELD + 10, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=90) as client:
-            tasks = [asyncio.create_task(one(client, n)) for n in range(HELD)]
+            tasks = [asyncio.create_task(one(client, n)) for n in range(count)]
             await asyncio.to_thread(stop.wait)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(run())
+
+
+def _probe_latencies(world: FaultWorld) -> list[float]:
+    """/readyz and /metrics, ten times each."""
+    probes = []
+    for path in ("/readyz", "/metrics") * 10:
+        started = time.perf_counter()
+        answer = world.http.get(path)
+        probes.append(time.perf_counter() - started)
+        # Ready but for the worker, which these scenarios do not run.
+        assert answer.status_code in (200, 503), answer.text
+    return probes
 
 
 def _submit_latencies(world: FaultWorld, key: str) -> list[float]:
@@ -77,8 +83,19 @@ def test_f14_held_requests_do_not_slow_another_tenant(
     idle = _submit_latencies(world, other)
 
     answered: list[int] = []
+
+    async def hold(client: httpx.AsyncClient, n: int) -> None:
+        # Waits on one of the queued jobs; answered at once only past the key's cap.
+        answer = await client.get(
+            f"/v1/jobs/{job_ids[n % len(job_ids)]}",
+            headers={"Authorization": f"Bearer {holder}", "Prefer": "wait=60"},
+        )
+        assert answer.status_code == 200, answer.text
+        assert "Preference-Applied" not in answer.headers
+        answered.append(n)
+
     stop = threading.Event()
-    thread = threading.Thread(target=_hold, args=(world.base_url, holder, job_ids, answered, stop))
+    thread = threading.Thread(target=_all_at_once, args=(world.base_url, HELD, hold, stop))
     thread.start()
     try:
         deadline = time.monotonic() + 60
@@ -88,13 +105,7 @@ def test_f14_held_requests_do_not_slow_another_tenant(
         time.sleep(1)  # the held ones settle into waiting
         at_once = len(answered)
         held = _submit_latencies(world, other)
-        probes = []
-        for path in ("/readyz", "/metrics") * 10:
-            started = time.perf_counter()
-            answer = world.http.get(path)
-            probes.append(time.perf_counter() - started)
-            # Ready but for the worker, which this scenario does not run.
-            assert answer.status_code in (200, 503), answer.text
+        probes = _probe_latencies(world)
         still_held = HELD - len(answered)
     finally:
         stop.set()
@@ -111,44 +122,6 @@ def test_f14_held_requests_do_not_slow_another_tenant(
     assert max(probes) < 1.0
 
 
-STREAMS = 1200
-
-
-def _stream(
-    base_url: str,
-    key: str,
-    job_ids: list[str],
-    opened: list[int],
-    refused: list[int],
-    stop: threading.Event,
-) -> None:
-    """In a thread of its own: STREAMS event streams of queued jobs at once; `opened` counts
-    those that told their job's `queued` status and stay open, `refused` the 429s."""
-
-    async def one(client: httpx.AsyncClient, n: int) -> None:
-        path = f"/v1/jobs/{job_ids[n % len(job_ids)]}/events"
-        async with client.stream("GET", path, headers={"Authorization": f"Bearer {key}"}) as r:
-            if r.status_code == 429:
-                refused.append(n)
-                return
-            assert r.status_code == 200, await r.aread()
-            async for line in r.aiter_lines():
-                if line == 'data: {"status": "queued"}':
-                    opened.append(n)
-            # Nothing more: the job stays queued, the stream open until cancelled.
-
-    async def run() -> None:
-        limits = httpx.Limits(max_connections=STREAMS + 10, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=90) as client:
-            tasks = [asyncio.create_task(one(client, n)) for n in range(STREAMS)]
-            await asyncio.to_thread(stop.wait)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(run())
-
-
 @pytest.mark.faults
 def test_f14_open_streams_do_not_slow_another_tenant(
     make_world: Callable[..., FaultWorld],
@@ -163,9 +136,21 @@ def test_f14_open_streams_do_not_slow_another_tenant(
 
     opened: list[int] = []
     refused: list[int] = []
+
+    async def read(client: httpx.AsyncClient, n: int) -> None:
+        # Open while its job stays queued, once told its `queued` status; or a 429.
+        path = f"/v1/jobs/{job_ids[n % len(job_ids)]}/events"
+        async with client.stream("GET", path, headers={"Authorization": f"Bearer {holder}"}) as r:
+            if r.status_code == 429:
+                refused.append(n)
+                return
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line == 'data: {"status": "queued"}':
+                    opened.append(n)
+
     stop = threading.Event()
-    args = (world.base_url, holder, job_ids, opened, refused, stop)
-    thread = threading.Thread(target=_stream, args=args)
+    thread = threading.Thread(target=_all_at_once, args=(world.base_url, STREAMS, read, stop))
     thread.start()
     try:
         deadline = time.monotonic() + 60
@@ -174,12 +159,7 @@ def test_f14_open_streams_do_not_slow_another_tenant(
             time.sleep(0.1)
         time.sleep(1)
         held = _submit_latencies(world, other)
-        probes = []
-        for path in ("/readyz", "/metrics") * 10:
-            started = time.perf_counter()
-            answer = world.http.get(path)
-            probes.append(time.perf_counter() - started)
-            assert answer.status_code in (200, 503), answer.text
+        probes = _probe_latencies(world)
         still_open = len(opened)
     finally:
         stop.set()

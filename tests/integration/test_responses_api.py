@@ -46,6 +46,16 @@ def _poll(client: OpenAI, response_id: str, timeout: float = 60) -> Response:
         time.sleep(0.1)
 
 
+def _post_response(live_api: str, key: str, body: dict[str, Any]) -> httpx.Response:
+    """POST /v1/responses as it is sent, for bodies the SDK would not send."""
+    return httpx.post(
+        f"{live_api}/v1/responses",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
 def _text(response: Response) -> str:
     return "".join(part.text for item in response.output for part in item.content)  # type: ignore[union-attr]
 
@@ -225,12 +235,7 @@ def test_another_tenants_response_is_not_found(
 def test_what_parley_does_not_do_is_a_clear_400(
     live_api: str, key: str, model: str, body: dict[str, Any], param: str
 ) -> None:
-    answer = httpx.post(
-        f"{live_api}/v1/responses",
-        json={"model": model, **body},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=30,
-    )
+    answer = _post_response(live_api, key, {"model": model, **body})
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -259,11 +264,6 @@ def test_what_parley_does_not_do_is_a_clear_400(
 def test_an_invalid_value_is_a_422_naming_it(
     live_api: str, key: str, model: str, body: dict[str, Any], param: str
 ) -> None:
-    answer = httpx.post(
-        f"{live_api}/v1/responses",
-        json={"model": model, **body},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=30,
-    )
+    answer = _post_response(live_api, key, {"model": model, **body})
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"]["param"] == param

@@ -87,11 +87,13 @@ class ReplyStream:
         self._markers = text_markers
         self.shown = ""
         self._ended = False
+        self._decoded = 0  # ids decoded by the last advance
 
     def advance(self, generated: Sequence[int]) -> None:
         """Show the text that became final since the last call, if any."""
-        if self._ended:
-            return
+        if self._ended or len(generated) == self._decoded:
+            return  # woken with no new token (a cancel check): nothing new to decode
+        self._decoded = len(generated)
         text, stopped, _ = decoded_reply(
             self._tokenizer, generated, stop_ids=self._stop_ids, text_markers=self._markers
         )
