@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,14 +30,24 @@ SUBMITS = 200
 Request = Callable[[httpx.AsyncClient, int], Coroutine[Any, Any, None]]
 
 
-def _all_at_once(base_url: str, count: int, one: Request, stop: threading.Event) -> None:
+def _all_at_once(
+    base_url: str, count: int, one: Request, stop: threading.Event, failed: list[str]
+) -> None:
     """In a thread of its own: `one(client, n)` for n in range(count), all at once, each on a
-    connection of its own, until `stop`."""
+    connection of its own, until `stop`. What any of them raised before `stop` is in `failed`."""
+
+    async def guarded(client: httpx.AsyncClient, n: int) -> None:
+        try:
+            await one(client, n)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # whatever it is, the test reports it
+            failed.append(f"{n}: {error!r}")
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=90) as client:
-            tasks = [asyncio.create_task(one(client, n)) for n in range(count)]
+            tasks = [asyncio.create_task(guarded(client, n)) for n in range(count)]
             await asyncio.to_thread(stop.wait)
             for task in tasks:
                 task.cancel()
@@ -94,12 +105,13 @@ def test_f14_held_requests_do_not_slow_another_tenant(
         assert "Preference-Applied" not in answer.headers
         answered.append(n)
 
-    stop = threading.Event()
-    thread = threading.Thread(target=_all_at_once, args=(world.base_url, HELD, hold, stop))
+    stop, failed = threading.Event(), list[str]()
+    thread = threading.Thread(target=_all_at_once, args=(world.base_url, HELD, hold, stop, failed))
     thread.start()
     try:
         deadline = time.monotonic() + 60
         while len(answered) < HELD - CAP:
+            assert not failed, f"{len(failed)} failed: {failed[:5]}"
             assert time.monotonic() < deadline, f"only {len(answered)} answered at once"
             time.sleep(0.1)
         time.sleep(1)  # the held ones settle into waiting
@@ -107,6 +119,7 @@ def test_f14_held_requests_do_not_slow_another_tenant(
         held = _submit_latencies(world, other)
         probes = _probe_latencies(world)
         still_held = HELD - len(answered)
+        assert not failed, f"{len(failed)} failed: {failed[:5]}"
     finally:
         stop.set()
         thread.join(60)
@@ -136,6 +149,8 @@ def test_f14_open_streams_do_not_slow_another_tenant(
 
     opened: list[int] = []
     refused: list[int] = []
+    # How far each stream got, for the message of a timeout.
+    stage = dict.fromkeys(range(STREAMS), "connecting")
 
     async def read(client: httpx.AsyncClient, n: int) -> None:
         # Open while its job stays queued, once told its `queued` status; or a 429.
@@ -145,28 +160,41 @@ def test_f14_open_streams_do_not_slow_another_tenant(
                 refused.append(n)
                 return
             assert r.status_code == 200, await r.aread()
+            stage[n] = "answered 200"
             async for line in r.aiter_lines():
                 if line == 'data: {"status": "queued"}':
+                    stage[n] = "told queued"
                     opened.append(n)
+            raise AssertionError(f"the stream ended while its job was queued ({stage[n]})")
 
-    stop = threading.Event()
-    thread = threading.Thread(target=_all_at_once, args=(world.base_url, STREAMS, read, stop))
+    stop, failed = threading.Event(), list[str]()
+    thread = threading.Thread(
+        target=_all_at_once, args=(world.base_url, STREAMS, read, stop, failed)
+    )
+    started = time.monotonic()
     thread.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = started + 60
         while len(opened) + len(refused) < STREAMS:
-            assert time.monotonic() < deadline, f"{len(opened)} open, {len(refused)} refused"
+            assert not failed, f"{len(failed)} failed: {failed[:5]}"
+            waiting = Counter(stage[n] for n in stage if n not in opened and n not in refused)
+            assert time.monotonic() < deadline, (
+                f"{len(opened)} open, {len(refused)} refused, still waiting: {dict(waiting)}\n"
+                f"{world.problems()}"
+            )
             time.sleep(0.1)
+        settled_s = time.monotonic() - started
         time.sleep(1)
         held = _submit_latencies(world, other)
         probes = _probe_latencies(world)
         still_open = len(opened)
+        assert not failed, f"{len(failed)} failed: {failed[:5]}"
     finally:
         stop.set()
         thread.join(60)
     print(
         f"FAULT F14 streams={STREAMS} cap_per_key={CAP} open={still_open} "
-        f"refused={len(refused)} submits={SUBMITS} "
+        f"refused={len(refused)} seconds_to_answer_all={settled_s:.1f} submits={SUBMITS} "
         f"submit_p50_ms_idle={_ms(idle, 0.5):.0f} submit_p99_ms_idle={_ms(idle, 0.99):.0f} "
         f"submit_p50_ms_streams={_ms(held, 0.5):.0f} "
         f"submit_p99_ms_streams={_ms(held, 0.99):.0f} probe_max_ms={max(probes) * 1000:.0f}"
