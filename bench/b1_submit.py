@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, text
 
 from app.config import normalize_database_url
 from app.dev.stack import Stack, free_port, wait_http
+from bench.cpu_budget import CpuBudget
 from bench.loadgen import LoadResult, http_request, run_load
 from bench.report import percentile, say
 from bench.stack import DEFAULT_REDIS, BenchStack
@@ -54,19 +55,20 @@ def _peer_broker() -> str:
 
 
 @contextmanager
-def tutorial_peer(processes: int) -> Iterator[int]:
-    """bench/tutorial_peer.py under uvicorn (uvloop and httptools, as `parley api`); its port."""
+def tutorial_peer(processes: int) -> Iterator[tuple[int, int]]:
+    """bench/tutorial_peer.py under uvicorn (uvloop and httptools, as `parley api`); its port
+    and pid."""
     broker = _peer_broker()
     redis.Redis.from_url(broker).flushdb()
     port = free_port()
     stack = Stack({"PEER_BROKER_URL": broker})
     argv = ["uvicorn", "bench.tutorial_peer:app", "--port", str(port), "--workers"]
     argv += [str(processes), "--log-level", "warning", "--no-access-log"]
-    stack.start(argv)
+    process = stack.start(argv)
     try:
         if not wait_http(f"http://127.0.0.1:{port}/openapi.json", timeout=60, procs=stack.procs):
             raise RuntimeError("the tutorial peer did not start")
-        yield port
+        yield port, process.pid
     finally:
         stack.stop()
         redis.Redis.from_url(broker).flushdb()
@@ -86,9 +88,10 @@ def main() -> None:
 
     body = json.dumps({"message": MESSAGE}).encode()
     chat = http_request("POST", "/chat", {"Content-Type": "application/json"}, body)
-    with tutorial_peer(args.api_processes) as port:
+    with tutorial_peer(args.api_processes) as (port, pid), CpuBudget.of_stack(api=pid) as peer_cpu:
         peer = run_load("127.0.0.1", port, lambda _: chat, **load)
     _report("peer POST /chat (FastAPI + Celery, no durable row)", peer, 202)
+    peer_cpu.report(peer.requests, "request")
 
     settings = {"API_PROCESSES": str(args.api_processes)}
     with BenchStack("b1", model="tiny", workers=False, **settings) as stack:
@@ -103,10 +106,14 @@ def main() -> None:
             )
             for key in keys
         ]
-        baseline = run_load("127.0.0.1", stack.port, lambda _: livez, **load)
+        with CpuBudget.of_stack(api=stack.api_pid) as livez_cpu:
+            baseline = run_load("127.0.0.1", stack.port, lambda _: livez, **load)
         _report("baseline GET /livez", baseline, 200)
-        submit = run_load("127.0.0.1", stack.port, lambda n: bodies[n % TENANTS], **load)
+        livez_cpu.report(baseline.requests, "request")
+        with CpuBudget.of_stack(api=stack.api_pid) as submit_cpu:
+            submit = run_load("127.0.0.1", stack.port, lambda n: bodies[n % TENANTS], **load)
         _report("POST /v1/jobs", submit, 202)
+        submit_cpu.report(submit.requests, "submit")
         assert stack.database_url is not None
         engine = create_engine(normalize_database_url(stack.database_url))
         with engine.connect() as conn:

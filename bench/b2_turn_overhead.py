@@ -22,6 +22,7 @@ import torch
 
 from app.schemas import ChatMessage
 from bench.conversations import hold_conversations, transcript
+from bench.cpu_budget import CpuBudget
 from bench.engine_alone import run_engine_alone
 from bench.report import percentile, say
 from bench.stack import BenchStack
@@ -69,9 +70,10 @@ def main() -> None:
         say(f"B2: {CONVERSATIONS} conversations x {TURNS} turns of {NEW_TOKENS} tokens, tiny model")
         generation = {"max_new_tokens": NEW_TOKENS}
         hold_conversations(stack.base_url, key, conversations=4, turns=2, generation=generation)
-        records, wall = hold_conversations(
-            stack.base_url, key, conversations=CONVERSATIONS, turns=TURNS, generation=generation
-        )
+        with CpuBudget.of_stack(api=stack.api_pid, worker=stack.worker_pid) as budget:
+            records, wall = hold_conversations(
+                stack.base_url, key, conversations=CONVERSATIONS, turns=TURNS, generation=generation
+            )
         messages = transcript(stack.base_url, key, records[0][-1].job["conversation_id"])
         model = str(stack.model)
     # The baselines on a quiet machine: the service is stopped. Each runs in a process of its
@@ -91,7 +93,9 @@ def main() -> None:
     say(f"  model alone, one generate per turn: {model_s * 1000:.1f} ms, {one_at_a_time:.1f}/s")
     say(
         f"  engine alone, same conversations: {alone.turns_per_s:.1f} turns/s,"
-        f" p50 {percentile(alone.latencies, 0.5) * 1000:.1f} ms"
+        f" p50 {percentile(alone.latencies, 0.5) * 1000:.1f} ms,"
+        f" CPU {alone.cpu_s / alone.wall_s:.2f} cores, {1000 * alone.cpu_s / alone.turns:.2f} ms"
+        " per turn (the worker's own, below, runs this engine)"
     )
     say(f"  p50 above the model's own time: {overhead * 1000:.1f} ms (target <= 60 ms)")
     say(f"  ratio turns/s / one-at-a-time generate: {turns_per_s / one_at_a_time:.2f}x (>= 1.2x)")
@@ -103,6 +107,7 @@ def main() -> None:
     ):
         spans = [_seconds(job[end]) - _seconds(job[begin]) for job in jobs]
         say(f"  {label}: p50 {percentile(spans, 0.5) * 1000:.1f} ms")
+    budget.report(len(latencies), "turn")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class EngineRun:
     latencies: list[float]
     cache_hits: int | None
     cache_misses: int | None
+    cpu_s: float  # this process's CPU time over the run, all threads (torch's included)
 
     @property
     def turns_per_s(self) -> float:
@@ -76,13 +77,13 @@ def run_engine_alone(name: str) -> EngineRun:
                 ChatMessage(role="assistant", content=result.text),
             ]
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=converse, args=(i,)) for i in range(conversations)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     cache = engine.prefix_cache
     return EngineRun(
         len(latencies),
@@ -91,6 +92,7 @@ def run_engine_alone(name: str) -> EngineRun:
         latencies,
         None if cache is None else cache.hits,
         None if cache is None else cache.misses,
+        cpu,
     )
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str]) -> None:
     say(f"{name} on the engine alone ({size} model): {run.turns} turns in {run.wall_s:.1f} s")
     say(f"  {run.turns_per_s:.1f} turns/s, {run.tokens / run.wall_s:.1f} tokens/s")
     say(f"  turn latency p50 {percentile(run.latencies, 0.5) * 1000:.1f} ms")
+    say(f"  CPU {run.cpu_s / run.wall_s:.2f} cores, {1000 * run.cpu_s / run.turns:.2f} ms per turn")
     if run.cache_hits is not None:
         say(f"  prefix cache: {run.cache_hits} hits, {run.cache_misses} misses")
 

@@ -81,6 +81,7 @@ class BenchStack:
         # The broker follows REDIS_URL (the next database), never a BROKER_URL of the shell.
         self.stack.env.pop("BROKER_URL", None)
         self.api: Process | None = None
+        self.worker: Process | None = None
 
     @property
     def base_url(self) -> str:
@@ -96,6 +97,11 @@ class BenchStack:
         assert self.api is not None
         return self.api.pid
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The turn worker's supervisor (`parley worker`; the worker is its child)."""
+        return None if self.worker is None else self.worker.pid
+
     def __enter__(self) -> Self:
         if self.database_url is None:
             self.database_url = bench_database(f"bench_{self.name}", fresh=True)
@@ -105,7 +111,7 @@ class BenchStack:
             redis.Redis.from_url(url).flushdb()
         self.api = self.stack.api(port=self.port)
         if self.with_workers:
-            self.stack.turn_worker(gpus="auto")
+            self.worker = self.stack.turn_worker(gpus="auto")
         if not self.stack.wait_ready("/readyz" if self.with_workers else "/livez"):
             self.stack.stop()
             raise RuntimeError("the stack did not become ready (a process exited or 180 s)")
