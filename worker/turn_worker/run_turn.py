@@ -103,11 +103,22 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
         if claim is None:
             log.info("not claimable (ended, running elsewhere or not next)")
             return None
-        job = session.get_one(Job, job_id)
-        conversation = session.get_one(Conversation, job.conversation_id)
-        message = session.execute(
-            select(Message.content).where(Message.job_id == job_id, Message.role == "user")
-        ).scalar_one()
+        # What generation needs, in one read of plain rows: loading the job and its
+        # conversation as ORM objects cost the claim as much again (B2: claim 10.5 ms of CPU).
+        job = session.execute(
+            select(
+                Job.conversation_id,
+                Job.turn,
+                Job.generation,
+                Job.created_at,
+                Job.started_at,
+                Conversation.system_prompt,
+                Message.content,
+            )
+            .join(Conversation, Conversation.id == Job.conversation_id)
+            .join(Message, (Message.job_id == Job.id) & (Message.role == "user"))
+            .where(Job.id == job_id)
+        ).one()
         context = runtime.context.load(
             session, conversation_id=job.conversation_id, before_turn=job.turn
         )
@@ -118,8 +129,8 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
             claim=claim,
             conversation_id=job.conversation_id,
             turn=job.turn,
-            system_prompt=conversation.system_prompt,
-            message=message,
+            system_prompt=job.system_prompt,
+            message=job.content,
             context=context,
             params=GenerationParams(
                 max_new_tokens=generation.max_new_tokens,
