@@ -4,7 +4,9 @@ and each turn keeps its own limits, sampling and cancellation inside a batch."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -272,6 +274,84 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
     cache = warm.prefix_cache
     assert cache is not None
     assert cache.hits >= 4, (cache.hits, cache.misses)
+
+
+def test_next_turns_prefilled_together_each_after_its_own_cached_prefix_match_alone(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conversations whose next turns arrive together are prefilled in one forward pass, each
+    row from the end of its own cached prefix (of another length than the others'); greedy
+    output is still what a cold engine gives each prompt alone."""
+    warm = Engine(loaded, max_batch=8, prefix_cache_bytes=64 * 2**20)
+    cold = Engine(loaded, max_batch=8)
+    params = GenerationParams(max_new_tokens=16)
+    firsts = ["Hi", "Tell me about lighthouses.", "实现多轮对话", "A longer opening " * 6]
+    window = loaded.max_context_tokens
+    histories = []
+    for i, message in enumerate(firsts):
+        prompt = build_prompt(
+            loaded.tokenizer,
+            system_prompt=None,
+            history=[],
+            message=message,
+            max_context_tokens=window,
+            max_new_tokens=16,
+        )
+        reply = warm.generate(prompt, params, prefix_key=f"conv_{i}")
+        histories.append(
+            [
+                ChatMessage(role="user", content=message),
+                ChatMessage(role="assistant", content=reply.text),
+            ]
+        )
+    nexts = [
+        build_prompt(
+            loaded.tokenizer,
+            system_prompt=None,
+            history=history,
+            message=f"And then, {i}?",
+            max_context_tokens=window,
+            max_new_tokens=16,
+            last_turn=warm.last_turn(f"conv_{i}"),
+        )
+        for i, history in enumerate(histories)
+    ]
+    starts_seen: list[list[int]] = []
+    runner = warm._loop._runner
+    prefill, decode = runner.prefill, runner.decode
+    in_step, go_on = threading.Event(), threading.Event()
+
+    def recording(first: int, prompts: Any, starts: Any) -> Any:
+        starts_seen.append(list(starts))
+        return prefill(first, prompts, starts)
+
+    def held_once(tokens: Any) -> Any:
+        # The first step waits until every next turn has arrived: they are admitted together.
+        in_step.set()
+        go_on.wait(10)
+        return decode(tokens)
+
+    monkeypatch.setattr(runner, "prefill", recording)
+    monkeypatch.setattr(runner, "decode", held_once)
+    results: list[GenerationResult | None] = [None] * len(nexts)
+
+    def run(i: int) -> None:
+        results[i] = warm.generate(nexts[i], params, prefix_key=f"conv_{i}")
+
+    blocker = threading.Thread(target=warm.generate, args=(nexts[0], params))
+    blocker.start()
+    assert in_step.wait(10)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(nexts))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    go_on.set()
+    for thread in (blocker, *threads):
+        thread.join(60)
+    alone = [cold.generate(prompt, params) for prompt in nexts]
+    assert [r.text if r else None for r in results] == [r.text for r in alone]
+    # At least one forward pass prefilled rows after cached prefixes of different lengths.
+    assert any(len(set(starts)) > 1 and min(starts) > 0 for starts in starts_seen), starts_seen
 
 
 def test_a_poison_turn_fails_alone_and_the_batch_goes_on(

@@ -19,7 +19,7 @@ from worker.inference.prefix_cache import Layers, PrefixCache
 from worker.inference.prompt import Prompt
 from worker.inference.request import GenerationRequest, RequestStatus
 from worker.inference.sampler import NO_TOKEN, Sampler, sample_row
-from worker.inference.scheduler import Scheduler, similar_lengths, within
+from worker.inference.scheduler import Admitted, Scheduler, similar_lengths, within
 from worker.inference.stopping import StopRules
 
 CPU = torch.device("cpu")
@@ -79,9 +79,9 @@ def test_stop_rules_in_order_of_precedence() -> None:
 
 def test_cold_prompts_are_grouped_by_similar_length() -> None:
     # A group takes prompts up to 1.25 times its shortest plus 16 tokens: 66 for 40.
-    requests = [_request(n) for n in (50, 900, 40, 1000, 66, 67, 200)]
-    groups = similar_lengths(requests)
-    assert [[len(r.input_ids) for r in group] for group in groups] == [
+    admitted = [Admitted(_request(n), None) for n in (50, 900, 40, 1000, 66, 67, 200)]
+    groups = similar_lengths(admitted)
+    assert [[m.new_tokens for m in group] for group in groups] == [
         [40, 50, 66],
         [67],
         [200],
@@ -115,21 +115,22 @@ def test_requests_that_end_while_waiting_are_never_admitted() -> None:
     assert (expired.status, expired.finish_reason) == (RequestStatus.FINISHED, "time")
 
 
-def test_a_cached_prefix_is_prefilled_alone_and_first() -> None:
+def test_requests_are_grouped_by_what_they_prefill_after_their_cached_prefix() -> None:
     cache = PrefixCache(max_bytes=2**20)
     layers = [(torch.zeros(1, 2, 30, 4), torch.zeros(1, 2, 30, 4))]
     cache.store("conv", list(range(1, 31)), layers)
     scheduler = Scheduler(max_batch=8, prefill_tokens=512, prefix_cache=cache)
-    cold_a, cold_b = _request(12), _request(14)
+    cold_short, cold_long = _request(12), _request(40)
+    # 40 tokens, 30 of them cached: it prefills 10, and goes with the 12, not with the 40.
     warm = GenerationRequest(
         list(range(1, 41)), GenerationParams(max_new_tokens=8), 8, prefix_key="conv"
     )
-    for request in (cold_a, warm, cold_b):
+    for request in (cold_long, warm, cold_short):
         scheduler.submit(request)
     groups = scheduler.schedule(running=0)
-    assert [group.requests for group in groups] == [[warm], [cold_a, cold_b]]
-    assert groups[0].hit is not None and groups[0].hit.shared == 30
-    assert groups[1].hit is None
+    assert [group.requests for group in groups] == [[warm, cold_short], [cold_long]]
+    hits = [member.hit for member in groups[0].members]
+    assert hits[0] is not None and hits[0].shared == 30 and hits[1] is None
 
 
 def test_wake_returns_from_a_waiting_schedule() -> None:
@@ -168,7 +169,7 @@ def _prefilled(rows: list[Layers], *, slots: int = 4) -> SlotCache:
     cache = SlotCache(slots=slots, capacity=16, device=CPU)
     for slot, layers in enumerate(rows):
         length = layers[0][0].shape[-2]
-        view = cache.prefill_args(slot, 1, 0, length)["cache"]
+        view = cache.prefill_args(slot, [0], length)["cache"]
         for index, (k, v) in enumerate(layers):
             view.update(k, v, index)
         cache.lengths[slot] = length
@@ -204,7 +205,7 @@ def test_a_decoding_step_writes_each_row_at_its_own_length() -> None:
 
 def test_a_prefill_is_causal_from_the_tokens_already_in_its_slot() -> None:
     cache = _prefilled([_random_layers(2, 0)])
-    args = cache.prefill_args(0, 1, 2, 3)
+    args = cache.prefill_args(0, [2], 3)
     assert args["position_ids"].tolist() == [[2, 3, 4]]
     assert args["attention_mask"][0, 0].int().tolist() == [
         [1, 1, 1, 0, 0],
@@ -212,7 +213,26 @@ def test_a_prefill_is_causal_from_the_tokens_already_in_its_slot() -> None:
         [1, 1, 1, 1, 1],
     ]
     with pytest.raises(ValueError, match="capacity"):
-        cache.prefill_args(0, 1, 2, 15)
+        cache.prefill_args(0, [2], 15)
+
+
+def test_rows_of_one_prefill_each_start_after_their_own_cached_tokens() -> None:
+    rows = [_random_layers(n, seed) for seed, n in enumerate((2, 4))]
+    cache = _prefilled(rows)
+    args = cache.prefill_args(0, [2, 4], 2)
+    assert args["position_ids"].tolist() == [[2, 3], [4, 5]]
+    assert args["attention_mask"][:, 0].int().tolist() == [
+        [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]],
+        [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]],
+    ]
+    new = torch.randn(2, 2, 2, 3)
+    keys, values = args["cache"].update(new, new, 0)
+    assert keys.shape == (2, 2, 6, 3)
+    for row, start in enumerate((2, 4)):
+        # Its cached tokens kept, its new ones after them, each row in its own slot.
+        assert torch.equal(keys[row, :, :start], rows[row][0][0][0])
+        assert torch.equal(keys[row, :, start : start + 2], new[row])
+        assert torch.equal(values[row, :, start : start + 2], new[row])
 
 
 def test_leaving_rows_are_replaced_by_the_last_ones_in_place() -> None:
@@ -237,9 +257,9 @@ def test_a_cached_prefix_loads_into_a_slot() -> None:
 
 
 def test_groups_are_cut_to_the_prefill_budget() -> None:
-    requests = [_request(n) for n in (10, 10, 12, 30, 600)]
-    parts = within(requests, 40)
-    assert [[len(r.input_ids) for r in part] for part in parts] == [[10, 10, 12], [30], [600]]
+    admitted = [Admitted(_request(n), None) for n in (10, 10, 12, 30, 600)]
+    parts = within(admitted, 40)
+    assert [[m.new_tokens for m in part] for part in parts] == [[10, 10, 12], [30], [600]]
 
 
 # -- sampler ------------------------------------------------------------------------------

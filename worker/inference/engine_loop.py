@@ -34,7 +34,7 @@ from worker.inference.model_runner import ModelRunner
 from worker.inference.prefix_cache import PrefixCache, PrefixHit
 from worker.inference.request import GenerationRequest
 from worker.inference.sampler import NO_TOKEN, Sampler
-from worker.inference.scheduler import PrefillGroup, Scheduler, ended_before_start
+from worker.inference.scheduler import Admitted, PrefillGroup, Scheduler, ended_before_start
 from worker.inference.stopping import StopRules
 
 log = logging.getLogger("parley.batcher")
@@ -141,33 +141,44 @@ class EngineLoop:
             budget -= self._advance_chunked(budget)
         while self._pending and budget > 0:
             group = self._pending[0]
-            live = [r for r in group.requests if not ended_before_start(r)]
-            cost = _prefill_cost(live, group.hit)
+            live = [m for m in group.members if not ended_before_start(m.request)]
+            cost = _prefill_cost(live)
             if not live:
                 self._pending.popleft()
             elif len(live) == 1 and cost > self._prefill_tokens:
                 if self._chunked is not None:
                     return  # one prompt is chunked at a time; this one starts after it
                 self._pending.popleft()
-                self._start_chunked(live[0], group.hit)
+                self._start_chunked(live[0].request, live[0].hit)
                 budget -= self._advance_chunked(budget)
             elif cost > budget:
                 return  # the next step's budget takes it
             else:
                 self._pending.popleft()
-                self._join(live, group.hit)
+                self._join(live)
                 budget -= cost
 
-    def _join(self, requests: list[GenerationRequest], hit: PrefixHit | None) -> None:
-        """Prefill ``requests`` into the slots after the batch's and add them to it."""
+    def _join(self, members: list[Admitted]) -> None:
+        """Prefill the members' prompts into the slots after the batch's, each after its own
+        cached prefix, and add them to the batch."""
         first = len(self._running)
+        requests = [member.request for member in members]
         try:
-            for request in requests:
-                self._sampler.prepare(request)
-            start = 0
-            if hit is not None and self._slots.load_prefix(first, hit.layers, hit.shared):
-                start = hit.shared
-            logits = self._runner.prefill(first, [r.input_ids[start:] for r in requests], start)
+            starts = []
+            for row, member in enumerate(members):
+                self._sampler.prepare(member.request)
+                hit = member.hit
+                loaded = hit is not None and self._slots.load_prefix(
+                    first + row, hit.layers, hit.shared
+                )
+                starts.append(hit.shared if hit is not None and loaded else 0)
+            prompts = [r.input_ids[start:] for r, start in zip(requests, starts, strict=True)]
+            if len(members) > 1 and max(starts) + max(map(len, prompts)) > self._slots.capacity:
+                # Padded to the group's width, one row would run past its slot: one at a time.
+                for member in members:
+                    self._join([member])
+                return
+            logits = self._runner.prefill(first, prompts, starts)
         except Exception as exc:  # the batch is untouched: only these requests fail
             log.warning("a prefill failed: %s: %s", type(exc).__name__, exc)
             for request in requests:
@@ -198,7 +209,7 @@ class EngineLoop:
         take = min(budget, len(request.input_ids) - chunked.done)
         try:
             chunk = request.input_ids[chunked.done : chunked.done + take]
-            logits = self._runner.prefill(staging, [chunk], chunked.done)
+            logits = self._runner.prefill(staging, [chunk], [chunked.done])
         except Exception as exc:
             log.warning("a prefill failed: %s: %s", type(exc).__name__, exc)
             request.fail(exc)
@@ -253,9 +264,8 @@ class EngineLoop:
         self.prefix_cache.store(request.prefix_key, ids[:length], layers)
 
 
-def _prefill_cost(requests: list[GenerationRequest], hit: PrefixHit | None) -> int:
-    """Prompt tokens a group's prefill runs through the model (right padded to the longest)."""
-    if not requests:
+def _prefill_cost(members: list[Admitted]) -> int:
+    """Prompt tokens a group's prefill runs through the model (right padded to the most)."""
+    if not members:
         return 0
-    shared = hit.shared if hit is not None else 0
-    return len(requests) * (max(len(r.input_ids) for r in requests) - shared)
+    return len(members) * max(member.new_tokens for member in members)

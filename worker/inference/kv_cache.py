@@ -67,20 +67,33 @@ class SlotCache:
             "cache": _CacheView(write, len(self._keys)),
         }
 
-    def prefill_args(self, first: int, rows: int, start: int, tokens: int) -> dict[str, Any]:
+    def prefill_args(self, first: int, starts: list[int], tokens: int) -> dict[str, Any]:
         """Arguments for ``tokens`` new columns (right padded) in slots first..first+rows-1,
-        written from column ``start``, where each of those slots already holds ``start``."""
-        if start + tokens > self.capacity:
-            raise ValueError(f"{start + tokens} tokens exceed the slot capacity {self.capacity}")
-        self._zero_up_to(start + tokens)
-        new = torch.arange(start, start + tokens, device=self.device)
-        columns = torch.arange(start + tokens, device=self.device)
-        mask = (columns[None, :] <= new[:, None])[None, None, :, :]  # causal, from `start`
-        slots = slice(first, first + rows)
-        write = _Write(self, slots, start, slots, start + tokens)
+        row r's written from column ``starts[r]``, the tokens slot r already holds (a cached
+        prefix of its own length, or 0)."""
+        end = max(starts) + tokens
+        if end > self.capacity:
+            raise ValueError(f"{end} tokens exceed the slot capacity {self.capacity}")
+        self._zero_up_to(end)
+        slots = slice(first, first + len(starts))
+        if len(set(starts)) == 1:
+            start = starts[0]
+            new = torch.arange(start, start + tokens, device=self.device)
+            columns = torch.arange(end, device=self.device)
+            mask = (columns[None, :] <= new[:, None])[None, None, :, :]  # causal, from `start`
+            write = _Write(self, slots, start, slots, end)
+            positions = new[None, :].expand(len(starts), -1)
+        else:
+            # Each row's new tokens at its own columns: [rows, tokens] of positions.
+            offsets = torch.tensor(starts, device=self.device)
+            positions = offsets[:, None] + torch.arange(tokens, device=self.device)[None, :]
+            columns = torch.arange(end, device=self.device)
+            mask = (columns[None, None, :] <= positions[:, :, None])[:, None, :, :]
+            rows = torch.arange(first, first + len(starts), device=self.device)[:, None]
+            write = _Write(self, rows, positions, slots, end)
         return {
             "attention_mask": mask,
-            "position_ids": new[None, :].expand(rows, -1),
+            "position_ids": positions,
             "cache": _CacheView(write, len(self._keys)),
         }
 
@@ -163,8 +176,10 @@ class _Write:
         width: int,
     ) -> None:
         self.cache = cache
-        self.rows = rows  # decode: each row's slot; prefill: the slots' range
-        self.columns = columns  # decode: each row's column; prefill: the first new column
+        self.rows = rows  # decode: each row's slot [rows]; prefill: the slots' range, or
+        # for rows of their own starts each row's slot [rows, 1]
+        self.columns = columns  # decode: each row's column [rows]; prefill: the first new
+        # column, or each row's new columns [rows, tokens]
         self.read = read  # the slots attention reads, columns 0..width-1
         self.width = width
 
@@ -179,6 +194,10 @@ class _Write:
             end = self.columns + keys.shape[2]
             key_buffer[self.rows, :, self.columns : end] = keys
             value_buffer[self.rows, :, self.columns : end] = values
+        elif self.columns.dim() == 2:
+            # Indexed [rows, tokens, heads, dim]: the states' heads and tokens swap places.
+            key_buffer[self.rows, :, self.columns] = keys.transpose(1, 2)
+            value_buffer[self.rows, :, self.columns] = values.transpose(1, 2)
         else:
             key_buffer[self.rows, :, self.columns] = keys[:, :, 0]
             value_buffer[self.rows, :, self.columns] = values[:, :, 0]

@@ -20,9 +20,11 @@ class ModelRunner:
         self._cache = cache
 
     @torch.inference_mode()
-    def prefill(self, first: int, prompts: Sequence[Sequence[int]], start: int) -> torch.Tensor:
-        """Run ``prompts`` (right padded to the longest) into slots ``first``.., each of which
-        already holds ``start`` tokens of its prompt."""
+    def prefill(
+        self, first: int, prompts: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> torch.Tensor:
+        """Run ``prompts`` (right padded to the longest) into slots ``first``.., slot r of
+        which already holds ``starts[r]`` tokens of its prompt (a cached prefix, or 0)."""
         cache, device = self._cache, self._cache.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
@@ -35,9 +37,9 @@ class ModelRunner:
             # Only the last position's logits are needed; with rows of several lengths, each
             # row's own last one is picked below.
             logits_to_keep=1 if same_length else 0,
-            **cache.prefill_args(first, len(prompts), start, width),
+            **cache.prefill_args(first, list(starts), width),
         )
-        for row, prompt in enumerate(prompts):
+        for row, (prompt, start) in enumerate(zip(prompts, starts, strict=True)):
             cache.lengths[first + row] = start + len(prompt)
         if same_length:
             last: torch.Tensor = out.logits[:, -1, :]

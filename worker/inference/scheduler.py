@@ -2,9 +2,11 @@
 prefilled.
 
 Requests wait in arrival order. Between two steps as many are admitted as the batch has room
-for; those cancelled or past their time cap while they waited end there, never prefilled. A
-request whose conversation has a cached prefix is prefilled alone after it; the others are
-grouped by similar prompt length, so that left padding to a common width wastes little.
+for; those cancelled or past their time cap while they waited end there, never prefilled. What
+a request prefills is its prompt after the cached prefix of its conversation (all of it when
+none is cached); requests are grouped by how many tokens that is, so that padding them to a
+common width wastes little, and each group is one forward pass, its rows' prefixes each of
+their own length.
 """
 
 from __future__ import annotations
@@ -18,12 +20,27 @@ from worker.inference.request import GenerationRequest
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """A request let into the batch, and the cached prefix of its prompt it starts from."""
+
+    request: GenerationRequest
+    hit: PrefixHit | None  # None: prefilled whole
+
+    @property
+    def new_tokens(self) -> int:
+        """The prompt tokens its prefill runs through the model."""
+        return len(self.request.input_ids) - (0 if self.hit is None else self.hit.shared)
+
+
+@dataclass(frozen=True)
 class PrefillGroup:
     """Requests prefilled together in one forward pass."""
 
-    requests: list[GenerationRequest]
-    # The cached prefix of the prompt of the group's one request; None: prefilled whole.
-    hit: PrefixHit | None = None
+    members: list[Admitted]
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [member.request for member in self.members]
 
 
 class Scheduler:
@@ -44,24 +61,18 @@ class Scheduler:
 
     def schedule(self, running: int) -> list[PrefillGroup]:
         """Admit waiting requests beside ``running`` ones (in the batch or still to be
-        prefilled), grouped for prefill; with none, wait for one (or a `wake`). Requests
-        with a cached prefix come first, in arrival order, then the groups of the others,
-        shortest prompts first."""
-        admitted = self._take(running)
-        warm: list[PrefillGroup] = []
-        cold: list[GenerationRequest] = []
-        for request in admitted:
+        prefilled), grouped for prefill, fewest new tokens first; with none, wait for one
+        (or a `wake`)."""
+        admitted: list[Admitted] = []
+        for request in self._take(running):
             if ended_before_start(request):
                 continue
             request.start()
-            hit = self._cached_prefix(request)
-            if hit is None:
-                cold.append(request)
-            else:
-                warm.append(PrefillGroup([request], hit))
-        groups = similar_lengths(cold)
-        return warm + [
-            PrefillGroup(part) for group in groups for part in within(group, self.prefill_tokens)
+            admitted.append(Admitted(request, self._cached_prefix(request)))
+        return [
+            PrefillGroup(part)
+            for group in similar_lengths(admitted)
+            for part in within(group, self.prefill_tokens)
         ]
 
     def drain(self) -> list[GenerationRequest]:
@@ -109,26 +120,26 @@ def ended_before_start(request: GenerationRequest) -> bool:
     return request.status.ended
 
 
-def similar_lengths(requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-    """Requests grouped for prefill so that padding wastes little: a prompt of 900 tokens and
-    one of 50 are prefilled apart, prompts of 40 and 50 together."""
-    groups: list[list[GenerationRequest]] = []
-    for request in sorted(requests, key=lambda r: len(r.input_ids)):
-        if groups and len(request.input_ids) <= 1.25 * len(groups[-1][0].input_ids) + 16:
-            groups[-1].append(request)
+def similar_lengths(admitted: list[Admitted]) -> list[list[Admitted]]:
+    """Requests grouped for prefill so that padding wastes little: 900 new tokens and 50 are
+    prefilled apart, 40 and 50 together."""
+    groups: list[list[Admitted]] = []
+    for member in sorted(admitted, key=lambda m: m.new_tokens):
+        if groups and member.new_tokens <= 1.25 * groups[-1][0].new_tokens + 16:
+            groups[-1].append(member)
         else:
-            groups.append([request])
+            groups.append([member])
     return groups
 
 
-def within(group: list[GenerationRequest], tokens: int) -> list[list[GenerationRequest]]:
-    """``group`` (shortest prompts first) cut into parts of at most ``tokens`` padded prompt
-    tokens each; a prompt longer than that is a part of its own."""
-    parts: list[list[GenerationRequest]] = []
-    for request in group:
-        width = len(request.input_ids)  # the longest of its part so far
+def within(group: list[Admitted], tokens: int) -> list[list[Admitted]]:
+    """``group`` (fewest new tokens first) cut into parts of at most ``tokens`` padded new
+    tokens each; a request with more than that is a part of its own."""
+    parts: list[list[Admitted]] = []
+    for member in group:
+        width = member.new_tokens  # the most of its part so far
         if parts and (len(parts[-1]) + 1) * width <= tokens:
-            parts[-1].append(request)
+            parts[-1].append(member)
         else:
-            parts.append([request])
+            parts.append([member])
     return parts
