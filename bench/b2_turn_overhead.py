@@ -23,7 +23,7 @@ import torch
 from app.schemas import ChatMessage
 from bench.conversations import hold_conversations, transcript
 from bench.cpu_budget import CpuBudget
-from bench.engine_alone import run_engine_alone
+from bench.engine_alone import StepTotals, run_engine_alone
 from bench.report import percentile, say
 from bench.stack import BenchStack
 from worker.inference.loader import load_model
@@ -60,6 +60,24 @@ def model_time_per_turn(model_path: str, messages: list[dict[str, str]]) -> floa
     return statistics.mean(times)
 
 
+def _worker_steps(stack: BenchStack, *, settled: bool = False) -> StepTotals:
+    """The worker's decoding steps so far, from its metrics on the API's /metrics. A worker
+    publishes them with its heartbeat (every 10 s): `settled` waits for the next one."""
+
+    def read() -> StepTotals:
+        return StepTotals(
+            count=int(stack.worker_metric("parley_worker_step_seconds_count")),
+            rows=int(stack.worker_metric("parley_worker_batch_size_sum")),
+            seconds=stack.worker_metric("parley_worker_step_seconds_sum"),
+        )
+
+    totals = read()
+    deadline = time.monotonic() + (12 if settled else 0)
+    while time.monotonic() < deadline and read() == totals:
+        time.sleep(0.5)
+    return read()
+
+
 def _seconds(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp).timestamp()
 
@@ -70,10 +88,12 @@ def main() -> None:
         say(f"B2: {CONVERSATIONS} conversations x {TURNS} turns of {NEW_TOKENS} tokens, tiny model")
         generation = {"max_new_tokens": NEW_TOKENS}
         hold_conversations(stack.base_url, key, conversations=4, turns=2, generation=generation)
+        steps_before = _worker_steps(stack)
         with CpuBudget.of_stack(api=stack.api_pid, worker=stack.worker_pid) as budget:
             records, wall = hold_conversations(
                 stack.base_url, key, conversations=CONVERSATIONS, turns=TURNS, generation=generation
             )
+        steps = _worker_steps(stack, settled=True) - steps_before
         messages = transcript(stack.base_url, key, records[0][-1].job["conversation_id"])
         model = str(stack.model)
     # The baselines on a quiet machine: the service is stopped. Each runs in a process of its
@@ -107,6 +127,8 @@ def main() -> None:
     ):
         spans = [_seconds(job[end]) - _seconds(job[begin]) for job in jobs]
         say(f"  {label}: p50 {percentile(spans, 0.5) * 1000:.1f} ms")
+    say(f"  decoding in the service: {steps.describe(wall)}")
+    say(f"  decoding in the engine alone: {alone.steps.describe(alone.wall_s)}")
     budget.report(len(latencies), "turn")
 
 

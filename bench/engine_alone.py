@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from app.schemas import ChatMessage
 from bench.report import percentile, say
 from bench.stack import model_dir
-from worker.inference.engine import Engine, GenerationParams
+from worker.inference.engine import Engine, GenerationParams, StepStats
 from worker.inference.loader import load_model
 from worker.inference.prompt import build_prompt
 
@@ -24,6 +24,34 @@ SHAPES = {
     "b2": ("tiny", 20, 20, 16),
     "b3": ("small", 16, 4, 32),
 }
+
+
+@dataclass
+class StepTotals:
+    """Decoding steps: how many, their rows and their time (prefills are not steps)."""
+
+    count: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        self.count += 1
+        self.rows += stats.batch_size
+        self.seconds += stats.seconds
+
+    def __sub__(self, other: StepTotals) -> StepTotals:
+        return StepTotals(
+            self.count - other.count, self.rows - other.rows, self.seconds - other.seconds
+        )
+
+    def describe(self, wall_s: float) -> str:
+        if not self.count:
+            return "no decoding steps"
+        return (
+            f"{self.count / wall_s:.0f} steps/s of {self.rows / self.count:.1f} rows,"
+            f" {1000 * self.seconds / self.count:.1f} ms each"
+            f" ({self.seconds / wall_s:.0%} of the time stepping)"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,7 @@ class EngineRun:
     cache_hits: int | None
     cache_misses: int | None
     cpu_s: float  # this process's CPU time over the run, all threads (torch's included)
+    steps: StepTotals
 
     @property
     def turns_per_s(self) -> float:
@@ -46,7 +75,8 @@ def run_engine_alone(name: str) -> EngineRun:
     submitting its next turn as soon as the last one has ended."""
     size, conversations, turns, new_tokens = SHAPES[name]
     loaded = load_model(str(model_dir(size)))
-    engine = Engine(loaded, max_batch=16, prefix_cache_bytes=1024 * 2**20)
+    steps = StepTotals()
+    engine = Engine(loaded, max_batch=16, prefix_cache_bytes=1024 * 2**20, on_step=steps.add)
     latencies: list[float] = []
     tokens = 0
     lock = threading.Lock()
@@ -93,6 +123,7 @@ def run_engine_alone(name: str) -> EngineRun:
         None if cache is None else cache.hits,
         None if cache is None else cache.misses,
         cpu,
+        steps,
     )
 
 
@@ -103,6 +134,7 @@ def main(argv: list[str]) -> None:
     say(f"{name} on the engine alone ({size} model): {run.turns} turns in {run.wall_s:.1f} s")
     say(f"  {run.turns_per_s:.1f} turns/s, {run.tokens / run.wall_s:.1f} tokens/s")
     say(f"  turn latency p50 {percentile(run.latencies, 0.5) * 1000:.1f} ms")
+    say(f"  {run.steps.describe(run.wall_s)}")
     say(f"  CPU {run.cpu_s / run.wall_s:.2f} cores, {1000 * run.cpu_s / run.turns:.2f} ms per turn")
     if run.cache_hits is not None:
         say(f"  prefix cache: {run.cache_hits} hits, {run.cache_misses} misses")
