@@ -41,6 +41,7 @@ faults: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.b1_submit
 	$(BIN)/python -m bench.b2_turn_overhead
+	$(BIN)/python -m bench.engine_beside_work
 	$(BIN)/python -m bench.b3_model_throughput
 	$(BIN)/python -m bench.b4_long_conversation
 	$(BIN)/python -m bench.prefill_stall
