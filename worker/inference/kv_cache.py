@@ -68,9 +68,9 @@ class SlotCache:
         }
 
     def prefill_args(self, first: int, starts: list[int], tokens: int) -> dict[str, Any]:
-        """Arguments for ``tokens`` new columns (right padded) in slots first..first+rows-1,
-        row r's written from column ``starts[r]``, the tokens slot r already holds (a cached
-        prefix of its own length, or 0)."""
+        """Arguments for ``tokens`` new columns (right padded) in slots ``first``.., one row
+        per start: row r's are written from column ``starts[r]``, the tokens its slot already
+        holds (a cached prefix of its own length, or 0)."""
         end = max(starts) + tokens
         if end > self.capacity:
             raise ValueError(f"{end} tokens exceed the slot capacity {self.capacity}")
