@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
-from multiprocessing import get_context
 
 import torch
 
 from app.schemas import ChatMessage
 from bench.conversations import hold_conversations, transcript
 from bench.cpu_budget import CpuBudget
-from bench.engine_alone import StepTotals, run_engine_alone
+from bench.engine_alone import StepTotals, in_fresh_process, run_engine_alone
 from bench.report import percentile, say
 from bench.stack import BenchStack
 from worker.inference.loader import load_model
@@ -73,9 +71,12 @@ def _worker_steps(stack: BenchStack, *, settled: bool = False) -> StepTotals:
 
     totals = read()
     deadline = time.monotonic() + (12 if settled else 0)
-    while time.monotonic() < deadline and read() == totals:
+    while time.monotonic() < deadline:
         time.sleep(0.5)
-    return read()
+        latest = read()
+        if latest != totals:
+            return latest
+    return totals
 
 
 def _seconds(timestamp: str) -> float:
@@ -99,10 +100,8 @@ def main() -> None:
     # The baselines on a quiet machine: the service is stopped. Each runs in a process of its
     # own: the engine alone ran at half its speed (287 -> 161 turns/s) in a process that had
     # just timed transformers' generate.
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as fresh:
-        model_s = fresh.submit(model_time_per_turn, model, messages).result()
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as fresh:
-        alone = fresh.submit(run_engine_alone, "b2").result()
+    model_s = in_fresh_process(model_time_per_turn, model, messages)
+    alone = in_fresh_process(run_engine_alone, "b2")
     latencies = [r.latency_s for conversation in records for r in conversation]
     turns_per_s = len(latencies) / wall
     p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)

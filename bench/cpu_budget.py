@@ -47,6 +47,7 @@ class CpuBudget:
     parts: dict[str, list[psutil.Process]]
     _start: dict[str, float] = field(default_factory=dict)
     _used: dict[str, float] = field(default_factory=dict)
+    _began: float = 0.0
     _wall: float = 0.0
 
     @classmethod
@@ -69,7 +70,7 @@ class CpuBudget:
 
     def __enter__(self) -> Self:
         self._start = self._snapshot()
-        self._wall = time.monotonic()
+        self._began = time.monotonic()
         return self
 
     def __exit__(
@@ -79,7 +80,7 @@ class CpuBudget:
         tb: TracebackType | None,
     ) -> None:
         end = self._snapshot()
-        self._wall = time.monotonic() - self._wall
+        self._wall = time.monotonic() - self._began
         self._used = {name: end[name] - self._start[name] for name in end}
 
     def report(self, units: int, unit: str) -> None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import TypeVar
 
 from app.schemas import ChatMessage
 from bench.report import percentile, say
@@ -24,6 +28,16 @@ SHAPES = {
     "b2": ("tiny", 20, 20, 16),
     "b3": ("small", 16, 4, 32),
 }
+
+
+T = TypeVar("T")
+
+
+def in_fresh_process(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` in a process started for it (spawned: no model, thread or torch
+    state of this one), for a baseline no earlier run in this process has slowed."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 @dataclass

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from multiprocessing.synchronize import Event as ProcessEvent
 
-from bench.engine_alone import EngineRun, run_engine_alone
+from bench.engine_alone import EngineRun, in_fresh_process, run_engine_alone
 from bench.report import say
 
 BURST_S = 0.002  # the work of one burst, as long as one claim's share of Python
@@ -66,11 +64,6 @@ def _work_in_process(threads: int, cores: float, stop: ProcessEvent) -> None:
         thread.join()
 
 
-def _fresh(function: Callable[..., EngineRun], *args: object) -> EngineRun:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
-
-
 def _report(label: str, run: EngineRun, baseline: EngineRun | None) -> None:
     ratio = "" if baseline is None else f", {run.turns_per_s / baseline.turns_per_s:.0%} of alone"
     say(f"  {label}: {run.turns_per_s:.1f} turns/s{ratio}; {run.steps.describe(run.wall_s)}")
@@ -85,16 +78,16 @@ def main() -> None:
         f"The engine alone (B2's conversations) beside {args.threads} threads of Python work,"
         f" {args.cores:.2f} of a core in {BURST_S * 1000:.0f} ms bursts"
     )
-    alone = _fresh(run_engine_alone, "b2")
+    alone = in_fresh_process(run_engine_alone, "b2")
     _report("nothing else", alone, None)
-    beside = _fresh(_engine_beside_own_threads, args.threads, args.cores)
+    beside = in_fresh_process(_engine_beside_own_threads, args.threads, args.cores)
     _report("the work in the engine's process", beside, alone)
     context = get_context("spawn")
     stop = context.Event()
     other = context.Process(target=_work_in_process, args=(args.threads, args.cores, stop))
     other.start()
     try:
-        apart = _fresh(run_engine_alone, "b2")
+        apart = in_fresh_process(run_engine_alone, "b2")
     finally:
         stop.set()
         other.join()
