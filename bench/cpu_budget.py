@@ -33,6 +33,15 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def _is_engine(process: psutil.Process) -> bool:
+    """A turn worker's engine process (worker/inference/engine_process.py): spawned by
+    multiprocessing, so its command line is multiprocessing's."""
+    try:
+        return "spawn_main" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _named(names: Iterable[str]) -> list[psutil.Process]:
     wanted = set(names)
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] in wanted]
@@ -52,11 +61,13 @@ class CpuBudget:
 
     @classmethod
     def of_stack(cls, *, api: int, worker: int | None = None) -> CpuBudget:
-        """The API's processes (pid `api` and its children), the turn worker's, PostgreSQL's
-        and Redis's, and this process: the benchmark's client."""
+        """The API's processes (pid `api` and its children), the turn worker's (its engine
+        process apart), PostgreSQL's and Redis's, and this process: the benchmark's client."""
         parts = {"API": _tree(api)}
         if worker is not None:
-            parts["worker"] = _tree(worker)
+            processes = _tree(worker)
+            parts["worker"] = [p for p in processes if not _is_engine(p)]
+            parts["engine"] = [p for p in processes if _is_engine(p)]
         parts["PostgreSQL"] = _named(["postgres"])
         parts["Redis"] = _named(["redis-server"])
         parts["client"] = [psutil.Process()]
