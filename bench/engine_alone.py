@@ -90,7 +90,9 @@ def run_engine_alone(name: str) -> EngineRun:
     size, conversations, turns, new_tokens = SHAPES[name]
     loaded = load_model(str(model_dir(size)))
     steps = StepTotals()
-    engine = Engine(loaded, max_batch=16, prefix_cache_bytes=1024 * 2**20, on_step=steps.add)
+    engine = Engine.in_process(
+        loaded, max_batch=16, prefix_cache_bytes=1024 * 2**20, on_step=steps.add
+    )
     latencies: list[float] = []
     tokens = 0
     lock = threading.Lock()

@@ -30,7 +30,7 @@ def _stall(loaded: LoadedModel, prefill_tokens: int) -> tuple[list[float], float
     """Gaps between steps (s) from the long prompt's arrival to its first token, and its time
     to first token (s)."""
     steps: list[float] = []
-    engine = Engine(
+    engine = Engine.in_process(
         loaded,
         max_batch=RUNNING + 1,
         prefill_tokens=prefill_tokens,

@@ -58,7 +58,7 @@ def _engine_alone(model: str) -> tuple[list[float], list[float]]:
     """The engine alone on the same prompts, one at a time: its time to first token, and to
     its first streamed text."""
     loaded = load_model(model)
-    engine = Engine(loaded)
+    engine = Engine.in_process(loaded)
     tokens, texts = [], []
     try:
         for message in ["Warm-up.", *MESSAGES]:

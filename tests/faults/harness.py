@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import httpx_sse
+import psutil
 import psycopg
 import redis
 
@@ -178,13 +179,24 @@ class FaultWorld:
         """The job ids of the turn messages waiting in the broker's queue."""
         return _job_ids(self.redis_client(1).lrange("parley.turns", 0, -1))
 
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGKILL, like the OOM killer or a lost machine: no shutdown code runs."""
+    def kill(self, proc: subprocess.Popen[bytes]) -> float:
+        """SIGKILL, like the OOM killer or a lost machine: no shutdown code runs. Its own
+        children (a worker's engine process) must end too, within 10 s, not linger holding a
+        model: returns the seconds they took."""
+        children = psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        killed_at = time.monotonic()
         assert self.stack is not None
         self.stack.procs.remove(proc)
+        deadline = killed_at + 10
+        while (alive := [c for c in children if _running(c)]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for child in alive:
+            child.kill()
+        assert not alive, f"children of the killed process outlived it: {alive}"
+        return time.monotonic() - killed_at
 
     # Clients -------------------------------------------------------------------------------
 
@@ -373,6 +385,14 @@ class FaultWorld:
             if any(w in line for w in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback", "Error"))
         ]
         return f"log {self.log}:\n" + "\n".join(bad[-lines:])
+
+
+def _running(process: psutil.Process) -> bool:
+    """Not ended: a zombie has ended (its parent was killed; init reaps it when it will)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _job_ids(messages: Any) -> set[str]:

@@ -11,7 +11,7 @@ from tests.faults.harness import TERMINAL, FaultWorld, report
 
 CONVERSATIONS = 50
 TURNS = 4  # 200 jobs
-NEW_TOKENS = 8
+NEW_TOKENS = 48  # long enough that turns are still generating when the worker dies
 # Any loopback URL: no I/O worker runs, so the events are only stored (one per job at most).
 WEBHOOK = "http://127.0.0.1:9/hook"
 
@@ -53,7 +53,7 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
         assert first.poll() is None, world.problems()
         assert time.monotonic() < deadline, f"never 8 turns running at once: {counts}"
         time.sleep(0.01)
-    world.kill(first)
+    engine_gone_s = world.kill(first)
     at_kill = world.status_counts()
     # The jobs whose message died with the worker: the next of their conversation, queued and
     # sent, with no message in the broker's queue. Either the dead worker held it unclaimed
@@ -95,6 +95,7 @@ def test_f1_worker_killed_mid_generation(make_world: Callable[..., FaultWorld]) 
         outcome,
         recovery_s,
         running_at_kill=at_kill.get("running", 0),
+        engine_process_gone_s=round(engine_gone_s, 2),
         ended_at_kill=sum(at_kill.get(s, 0) for s in TERMINAL),
         held_unacked=len(held),
         lost_held_unclaimed=len(lost_held),

@@ -86,7 +86,7 @@ def test_greedy_output_is_the_same_batched_or_alone(
     loaded: LoadedModel, prompts: list[Prompt]
 ) -> None:
     recorder = Recorder()
-    engine = Engine(loaded, max_batch=16, on_step=recorder)
+    engine = Engine.in_process(loaded, max_batch=16, on_step=recorder)
     params = [GenerationParams(max_new_tokens=24 + 7 * i) for i in range(len(prompts))]
     alone = [engine.generate(p, q) for p, q in zip(prompts, params, strict=True)]
     assert max(recorder.batch_sizes) == 1
@@ -107,8 +107,8 @@ def test_prompts_prefilled_in_chunks_match_whole(
     # at a time in the staging slot, while the turns already in the batch go on decoding.
     assert min(len(p.input_ids) for p in prompts) > 8
     recorder = Recorder()
-    chunked = Engine(loaded, max_batch=16, prefill_tokens=8, on_step=recorder)
-    whole = Engine(loaded, max_batch=16)
+    chunked = Engine.in_process(loaded, max_batch=16, prefill_tokens=8, on_step=recorder)
+    whole = Engine.in_process(loaded, max_batch=16)
     params = [GenerationParams(max_new_tokens=20 + 5 * i) for i in range(len(prompts))]
     alone = [whole.generate(p, q) for p, q in zip(prompts, params, strict=True)]
     together = _together(chunked, prompts, params)
@@ -122,7 +122,7 @@ def test_turns_that_join_a_running_batch_match_alone(
 ) -> None:
     long_params = GenerationParams(max_new_tokens=300)
     short = GenerationParams(max_new_tokens=20)
-    solo = Engine(loaded, max_batch=4)
+    solo = Engine.in_process(loaded, max_batch=4)
     alone_long = solo.generate(prompts[1], long_params)
     alone_short = [solo.generate(p, short) for p in prompts[2:6]]
 
@@ -151,7 +151,7 @@ def test_turns_that_join_a_running_batch_match_alone(
 
         return should_cancel
 
-    engine = Engine(loaded, max_batch=4, on_step=on_step)
+    engine = Engine.in_process(loaded, max_batch=4, on_step=on_step)
     results: dict[str, GenerationResult] = {}
 
     def long_turn() -> None:
@@ -179,7 +179,7 @@ def test_turns_that_join_a_running_batch_match_alone(
 
 
 def test_seeded_sampling_holds_inside_a_batch(loaded: LoadedModel, prompts: list[Prompt]) -> None:
-    engine = Engine(loaded, max_batch=8)
+    engine = Engine.in_process(loaded, max_batch=8)
     params = [
         GenerationParams(max_new_tokens=32, temperature=0.9, top_p=0.9, seed=100 + i)
         for i in range(len(prompts))
@@ -195,7 +195,7 @@ def test_seeded_sampling_holds_inside_a_batch(loaded: LoadedModel, prompts: list
 def test_cancelling_one_turn_leaves_the_others_untouched(
     loaded: LoadedModel, prompts: list[Prompt]
 ) -> None:
-    engine = Engine(loaded, max_batch=8)
+    engine = Engine.in_process(loaded, max_batch=8)
     params = [GenerationParams(max_new_tokens=200) for _ in prompts]
     alone = [engine.generate(p, q) for p, q in zip(prompts, params, strict=True)]
     asked = threading.Event()
@@ -220,7 +220,7 @@ def test_cancelling_one_turn_leaves_the_others_untouched(
 
 
 def test_time_cap_inside_a_batch(loaded: LoadedModel, prompts: list[Prompt]) -> None:
-    engine = Engine(loaded, max_batch=8)
+    engine = Engine.in_process(loaded, max_batch=8)
     params = [GenerationParams(max_new_tokens=1000, time_limit_s=0.2)] + [
         GenerationParams(max_new_tokens=40) for _ in prompts[1:]
     ]
@@ -235,8 +235,8 @@ def test_a_conversations_next_turn_reuses_its_cache_with_the_same_output(
     """Turn after turn of one conversation: the next prompt starts with the previous prompt
     and the ids the model generated, so the cached prefix matches through the last reply and
     only the rest is prefilled; greedy output is what a cold engine gives on that prompt."""
-    warm = Engine(loaded, max_batch=4, prefix_cache_bytes=64 * 2**20)
-    cold = Engine(loaded, max_batch=4)
+    warm = Engine.in_process(loaded, max_batch=4, prefix_cache_bytes=64 * 2**20)
+    cold = Engine.in_process(loaded, max_batch=4)
     history: list[ChatMessage] = []
     spliced = 0
     for turn in range(6):
@@ -282,8 +282,8 @@ def test_next_turns_prefilled_together_each_after_its_own_cached_prefix_match_al
     """Conversations whose next turns arrive together are prefilled in one forward pass, each
     row from the end of its own cached prefix (of another length than the others'); greedy
     output is still what a cold engine gives each prompt alone."""
-    warm = Engine(loaded, max_batch=8, prefix_cache_bytes=64 * 2**20)
-    cold = Engine(loaded, max_batch=8)
+    warm = Engine.in_process(loaded, max_batch=8, prefix_cache_bytes=64 * 2**20)
+    cold = Engine.in_process(loaded, max_batch=8)
     params = GenerationParams(max_new_tokens=16)
     firsts = ["Hi", "Tell me about lighthouses.", "实现多轮对话", "A longer opening " * 6]
     window = loaded.max_context_tokens
@@ -317,7 +317,7 @@ def test_next_turns_prefilled_together_each_after_its_own_cached_prefix_match_al
         for i, history in enumerate(histories)
     ]
     starts_seen: list[list[int]] = []
-    runner = warm._loop._runner
+    runner = warm._core._runner  # type: ignore[attr-defined]
     prefill, decode = runner.prefill, runner.decode
     in_step, go_on = threading.Event(), threading.Event()
 
@@ -360,7 +360,7 @@ def test_a_poison_turn_fails_alone_and_the_batch_goes_on(
     """A temperature so small that the scores overflow (the API refuses it; a stored job may
     still carry one) fails its own turn; the turns beside it end as they would alone."""
     recorder = Recorder()
-    engine = Engine(loaded, max_batch=16, on_step=recorder)
+    engine = Engine.in_process(loaded, max_batch=16, on_step=recorder)
     params = [GenerationParams(max_new_tokens=16) for _ in prompts]
     alone = [engine.generate(p, q) for p, q in zip(prompts, params, strict=True)]
     poison = GenerationParams(max_new_tokens=16, temperature=1e-300)

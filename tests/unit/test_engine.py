@@ -27,7 +27,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def engine(loaded: LoadedModel) -> Engine:
-    return Engine(loaded)
+    return Engine.in_process(loaded)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,9 @@ def _steered(loaded: LoadedModel, token: str) -> Engine:
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[token_id])
-    return Engine(LoadedModel(model, loaded.tokenizer, loaded.device, loaded.max_context_tokens))
+    return Engine.in_process(
+        LoadedModel(model, loaded.tokenizer, loaded.device, loaded.max_context_tokens)
+    )
 
 
 def test_max_new_tokens_is_respected(engine: Engine, prompt: Prompt) -> None:
@@ -100,7 +102,7 @@ def test_cancellation_stops_generation_early(engine: Engine, prompt: Prompt) -> 
         calls.append(time.monotonic())
         return len(calls) >= 2  # not at the start, at the next check
 
-    max_new = engine.loaded.max_context_tokens - len(prompt.input_ids)
+    max_new = engine.max_context_tokens - len(prompt.input_ids)
     result = engine.generate(prompt, GenerationParams(max_new), should_cancel=should_cancel)
 
     assert result.finish_reason == "cancelled"
@@ -111,7 +113,7 @@ def test_cancellation_stops_generation_early(engine: Engine, prompt: Prompt) -> 
 
 
 def test_time_cap_stops_with_reason_time(engine: Engine, prompt: Prompt) -> None:
-    max_new = engine.loaded.max_context_tokens - len(prompt.input_ids)
+    max_new = engine.max_context_tokens - len(prompt.input_ids)
     result = engine.generate(prompt, GenerationParams(max_new, time_limit_s=0.03))
     assert result.finish_reason == "time"
     assert 0 < result.completion_tokens < max_new
@@ -212,7 +214,7 @@ def test_engine_serves_a_model_without_chat_template(loaded: LoadedModel) -> Non
         max_context_tokens=plain.max_context_tokens,
         max_new_tokens=32,
     )
-    result = Engine(plain).generate(prompt, GenerationParams(max_new_tokens=32))
+    result = Engine.in_process(plain).generate(prompt, GenerationParams(max_new_tokens=32))
     assert result.finish_reason in ("stop", "length")
     assert not any(marker.strip() in result.text for marker in FALLBACK_ROLE_MARKERS)
 

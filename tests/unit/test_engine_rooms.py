@@ -353,13 +353,15 @@ def _generate_within(engine: Engine, prompt: Prompt, seconds: float) -> Any:
 
 def test_a_failed_prefill_fails_its_request_and_the_loop_goes_on(loaded: LoadedModel) -> None:
     flaky = _Flaky(loaded.model)
-    engine = Engine(LoadedModel(flaky, loaded.tokenizer, loaded.device, loaded.max_context_tokens))
+    engine = Engine.in_process(
+        LoadedModel(flaky, loaded.tokenizer, loaded.device, loaded.max_context_tokens)
+    )
     assert engine.running == 0 and engine.prefix_cache is None
     prompt = Prompt(input_ids=list(range(20, 40)), context_messages=0)
     failed = _generate_within(engine, prompt, 10)
     assert isinstance(failed, RuntimeError) and "fell over" in str(failed)
     flaky.failing = False
-    assert _generate_within(engine, prompt, 10) == Engine(loaded).generate(
+    assert _generate_within(engine, prompt, 10) == Engine.in_process(loaded).generate(
         prompt, GenerationParams(max_new_tokens=6)
     )
 
@@ -368,7 +370,7 @@ def test_a_worker_window_shorter_than_the_models_bounds_its_cache(loaded: Loaded
     # WORKER_MAX_CONTEXT_TOKENS lowers max_context_tokens: slots hold that many tokens, and
     # a prompt that fills them leaves no room for a reply.
     short = LoadedModel(loaded.model, loaded.tokenizer, loaded.device, 64)
-    engine = Engine(short, max_batch=2)
+    engine = Engine.in_process(short, max_batch=2)
     fits = engine.generate(Prompt(list(range(20, 80)), 0), GenerationParams(max_new_tokens=50))
     assert fits.prompt_tokens == 60 and fits.completion_tokens <= 4
     with pytest.raises(ValueError, match="no room"):

@@ -66,7 +66,7 @@ def test_a_role_marker_is_never_shown(loaded: LoadedModel) -> None:
 
 
 def test_the_engine_streams_what_it_returns(loaded: LoadedModel) -> None:
-    engine = Engine(loaded)
+    engine = Engine.in_process(loaded)
     try:
         prompt = build_prompt(
             loaded.tokenizer,

@@ -32,6 +32,7 @@ from worker.inference.engine_types import NumericalError, StepStats
 from worker.inference.kv_cache import SlotCache
 from worker.inference.model_runner import ModelRunner
 from worker.inference.prefix_cache import PrefixCache, PrefixHit
+from worker.inference.prompt import Transcript
 from worker.inference.request import GenerationRequest
 from worker.inference.sampler import NO_TOKEN, Sampler
 from worker.inference.scheduler import Admitted, PrefillGroup, Scheduler, ended_before_start
@@ -61,8 +62,12 @@ class EngineLoop:
         prefill_tokens: int,
         on_step: Callable[[StepStats], None] | None = None,
         prefix_cache: PrefixCache | None = None,
+        on_iteration: Callable[[], None] | None = None,
     ) -> None:
         self.prefix_cache = prefix_cache
+        # Called on the loop's thread after each pass (admission, prefill, step) and once it
+        # stops: what the requests did meanwhile can be passed on in one piece from there.
+        self._on_iteration = on_iteration
         self._prefill_tokens = prefill_tokens
         self._scheduler = Scheduler(
             max_batch=max_batch, prefix_cache=prefix_cache, prefill_tokens=prefill_tokens
@@ -94,6 +99,16 @@ class EngineLoop:
     def submit(self, request: GenerationRequest) -> None:
         self._scheduler.submit(request)
 
+    def cancel(self, request: GenerationRequest) -> None:
+        request.cancel()
+
+    def last_turn(self, prefix_key: str) -> Transcript | None:
+        return None if self.prefix_cache is None else self.prefix_cache.last_turn(prefix_key)
+
+    def remember(self, prefix_key: str, transcript: Transcript) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.remember(prefix_key, transcript)
+
     def stop(self) -> None:
         """End the loop; requests still in flight fail (their jobs are retried elsewhere)."""
         self._stopping.set()
@@ -111,10 +126,14 @@ class EngineLoop:
                 except Exception as exc:  # a failed step fails its requests, not the worker
                     log.exception("batch step failed; failing %d turns", self._occupied())
                     self._fail_all(exc)
+                if self._on_iteration is not None:
+                    self._on_iteration()
         stopped = RuntimeError("the engine stopped")
         self._fail_all(stopped)
         for request in self._scheduler.drain():
             request.fail(stopped)
+        if self._on_iteration is not None:
+            self._on_iteration()
 
     def _occupied(self) -> int:
         pending = sum(len(group.requests) for group in self._pending)

@@ -50,3 +50,13 @@ class StepStats:
 
     batch_size: int  # also the tokens it generated: one per request in the batch
     seconds: float
+
+
+@dataclass(eq=False)
+class PrefixCacheCounts:
+    """What the prefix cache (prefix_cache.py) has done: lookups that found the conversation's
+    last turn, those that did not, and the prompt tokens it saved prefilling."""
+
+    hits: int = 0
+    misses: int = 0
+    reused_tokens: int = 0

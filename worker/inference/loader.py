@@ -38,16 +38,12 @@ def load_model(model_id: str, *, device: str | None = None) -> LoadedModel:
     """Load ``model_id`` (Hub id or local folder) for inference on ``device``."""
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(model_id)
     with quiet_progress_bars():
-        tokenizer: Any = AutoTokenizer.from_pretrained(model_id)
         model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=_dtype_for(device))
     model.to(device)
     model.eval()
 
-    if tokenizer.pad_token is None:
-        # Base models often ship without a pad token; padding positions are masked out, so the
-        # eos token is a safe stand-in and keeps the vocabulary (and embeddings) unchanged.
-        tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -57,6 +53,18 @@ def load_model(model_id: str, *, device: str | None = None) -> LoadedModel:
         device=device,
         max_context_tokens=_context_window(model.config, tokenizer),
     )
+
+
+def load_tokenizer(model_id: str) -> Any:
+    """``model_id``'s tokenizer alone (a worker's side that builds prompts and decodes
+    replies holds no model)."""
+    with quiet_progress_bars():
+        tokenizer: Any = AutoTokenizer.from_pretrained(model_id)
+    if tokenizer.pad_token is None:
+        # Base models often ship without a pad token; padding positions are masked out, so the
+        # eos token is a safe stand-in and keeps the vocabulary (and embeddings) unchanged.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _dtype_for(device: str) -> torch.dtype:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from worker.inference.engine_types import PrefixCacheCounts
 from worker.inference.prompt import Transcript
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -40,15 +41,13 @@ class PrefixHit:
     layers: Layers
 
 
-class PrefixCache:
+class PrefixCache(PrefixCacheCounts):
     def __init__(self, *, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.reused_tokens = 0  # prompt tokens served from the cache instead of prefilled
+        super().__init__()
 
     def lookup(self, key: str, ids: list[int]) -> PrefixHit | None:
         """The cached prefix of `ids`, leaving at least one token to prefill (for its logits)."""

@@ -44,3 +44,4 @@ def _stop_background(**_: Any) -> None:
     if runtime is not None:
         # The last turns' ends, queued for their streams, are sent before the process goes.
         runtime.events.close()
+        runtime.engine.close()

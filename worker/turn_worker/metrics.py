@@ -12,8 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.inference.engine_types import StepStats
-from worker.inference.prefix_cache import PrefixCache
+from worker.inference.engine_types import PrefixCacheCounts, StepStats
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -66,7 +65,7 @@ class PrefixCacheCollector(Collector):
     """The engine's prefix cache (worker/inference/prefix_cache.py): lookups that found the
     conversation's last turn, those that did not, and the prompt tokens it saved prefilling."""
 
-    def __init__(self, cache: PrefixCache) -> None:
+    def __init__(self, cache: PrefixCacheCounts) -> None:
         self._cache = cache
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -75,7 +74,7 @@ class PrefixCacheCollector(Collector):
             (
                 "parley_worker_prefix_cache_hits",
                 "Prompts that reused a kept cache.",
-                self._cache.hits,
+                cache.hits,
             ),
             ("parley_worker_prefix_cache_misses", "Prompts prefilled whole.", cache.misses),
             (
@@ -87,7 +86,7 @@ class PrefixCacheCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=value)
 
 
-def observe_prefix_cache(cache: PrefixCache) -> None:
+def observe_prefix_cache(cache: PrefixCacheCounts) -> None:
     REGISTRY.register(PrefixCacheCollector(cache))
 
 

@@ -149,11 +149,11 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
 def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, int]:
     try:
         prompt = build_prompt(
-            runtime.model.tokenizer,
+            runtime.engine.tokenizer,
             system_prompt=turn.system_prompt,
             history=turn.context.messages,
             message=turn.message,
-            max_context_tokens=runtime.model.max_context_tokens,
+            max_context_tokens=runtime.engine.max_context_tokens,
             max_new_tokens=turn.params.max_new_tokens,
             last_turn=runtime.engine.last_turn(turn.conversation_id),
         )

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 
 from app.config import Settings, get_settings
 from app.context.store import ContextStore
+from app.logs import configure_logging
 from app.redis import get_redis
 from worker.inference.engine import Engine
-from worker.inference.loader import LoadedModel, load_model
+from worker.inference.engine_process import EngineSpec, start_engine_process
 from worker.turn_worker.cancel_watch import CancelWatch
 from worker.turn_worker.event_publisher import EventPublisher
 from worker.turn_worker.metrics import observe_prefix_cache, observe_step
@@ -22,7 +24,6 @@ log = logging.getLogger("parley.worker")
 @dataclass
 class Runtime:
     settings: Settings
-    model: LoadedModel
     engine: Engine
     context: ContextStore
     cancels: CancelWatch
@@ -43,30 +44,30 @@ def start_runtime() -> Runtime:
         if not settings.model_id:
             raise RuntimeError("MODEL_ID is not set: a worker needs a model to serve")
         started = time.perf_counter()
-        model = load_model(settings.model_id)
-        if settings.worker_max_context_tokens:
-            # The key/value cache holds this many tokens for every batch slot: a model with a
-            # long window (128k) would not fit it on the GPU at its full length.
-            model.max_context_tokens = min(
-                model.max_context_tokens, settings.worker_max_context_tokens
-            )
+        # The model runs in a process of its own, so that its loop never waits for the
+        # interpreter lock this process's task threads hold (worker/inference/engine_process.py).
+        engine = start_engine_process(
+            EngineSpec(
+                model_id=settings.model_id,
+                max_batch=settings.worker_max_batch,
+                prefill_tokens=settings.worker_prefill_tokens,
+                prefix_cache_bytes=settings.worker_prefix_cache_mb * 2**20,
+                max_context_tokens=settings.worker_max_context_tokens or None,
+            ),
+            on_step=observe_step,
+            on_lost=_shut_down,
+            setup=configure_logging,
+        )
         log.info(
             "model %s loaded on %s in %.1fs (CUDA_VISIBLE_DEVICES=%s)",
             settings.model_id,
-            model.device,
+            engine.facts.device,
             time.perf_counter() - started,
             os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         )
         _runtime = Runtime(
             settings=settings,
-            model=model,
-            engine=Engine(
-                model,
-                max_batch=settings.worker_max_batch,
-                prefill_tokens=settings.worker_prefill_tokens,
-                on_step=observe_step,
-                prefix_cache_bytes=settings.worker_prefix_cache_mb * 2**20,
-            ),
+            engine=engine,
             context=ContextStore(
                 get_redis(),
                 ttl_seconds=settings.context_ttl_seconds,
@@ -75,6 +76,14 @@ def start_runtime() -> Runtime:
             cancels=CancelWatch(get_redis()),
             events=EventPublisher(get_redis()),
         )
-        if _runtime.engine.prefix_cache is not None:
-            observe_prefix_cache(_runtime.engine.prefix_cache)
+        if engine.prefix_cache is not None:
+            observe_prefix_cache(engine.prefix_cache)
     return _runtime
+
+
+def _shut_down() -> None:
+    """The engine process ended under this worker (killed, out of memory): its turns in
+    flight have failed and are retried; this worker shuts down warm, and its supervisor
+    (`parley worker`) starts it again with a new engine."""
+    log.error("the engine process is gone; shutting this worker down to be restarted")
+    os.kill(os.getpid(), signal.SIGTERM)
