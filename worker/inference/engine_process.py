@@ -22,6 +22,7 @@ The process is spawned, never forked: CUDA starts only in it (invariant 6).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -162,6 +163,9 @@ class EngineProcess:
         self._counts = PrefixCacheCounts() if keeps_prefixes else None
         self._reader = threading.Thread(target=self._read, name="parley-engine-pipe", daemon=True)
         self._reader.start()
+        # Before multiprocessing's own exit handler, which would wait for the engine process
+        # for ever: it ignores SIGTERM and ends when told to stop (or when this process has).
+        atexit.register(self.stop)
 
     @property
     def pid(self) -> int | None:
@@ -325,9 +329,11 @@ def _error(name: str, text: str) -> BaseException:
 def serve(conn: Connection, spec: EngineSpec, setup: Callable[[], None] | None) -> None:
     """The engine process: load the model, then run requests until told to stop or until
     the worker is gone."""
-    # Ctrl-C reaches the whole process group: the worker decides when generation stops (a
-    # warm shutdown lets the turns in flight end), not the terminal.
+    # Ctrl-C reaches the whole process group, and a service manager's SIGTERM often the
+    # whole group too: the worker decides when generation stops (its warm shutdown lets the
+    # turns in flight end, then says stop), and this process ends with it in any case.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if setup is not None:
         setup()
     started = time.perf_counter()
