@@ -83,6 +83,10 @@ class EngineCore(Protocol):
     def prefix_cache(self) -> PrefixCacheCounts | None:
         """What the conversations' kept caches have done (None: none are kept)."""
 
+    @property
+    def alive(self) -> bool:
+        """Whether requests submitted now can be generated (not stopped or lost)."""
+
     def submit(self, request: GenerationRequest) -> None: ...
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -167,6 +171,11 @@ class Engine:
     def running(self) -> int:
         """How many requests are in the batch now (for the metrics)."""
         return self._core.running
+
+    @property
+    def alive(self) -> bool:
+        """Whether turns given to it now can be generated."""
+        return self._core.alive
 
     @property
     def prefix_cache(self) -> PrefixCacheCounts | None:

@@ -96,6 +96,10 @@ class EngineLoop:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        return not self._stopping.is_set()
+
     def submit(self, request: GenerationRequest) -> None:
         self._scheduler.submit(request)
 

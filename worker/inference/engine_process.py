@@ -176,6 +176,10 @@ class EngineProcess:
         return self._running
 
     @property
+    def alive(self) -> bool:
+        return self._lost is None and not self._stopping
+
+    @property
     def prefix_cache(self) -> PrefixCacheCounts | None:
         return self._counts
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from celery.exceptions import Reject
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -65,6 +66,10 @@ def run_turn(job_id: str) -> None:
 
 def _run(job_id: str) -> None:
     runtime = start_runtime()
+    if not runtime.engine.alive:
+        # The engine process died and this worker is shutting down to be restarted: the turn
+        # goes back to the queue unclaimed (no attempt spent) for a worker that can run it.
+        raise Reject("this worker's engine is gone", requeue=True)
     # Through a database blip the claim is tried again: the message stays this task's.
     turn = with_db_retry(lambda: _claim(runtime, job_id))
     if turn is None:
