@@ -20,6 +20,7 @@ from bench.report import percentile, say
 from bench.stack import BenchStack, long_model_dir
 
 TURNS, NEW_TOKENS = 60, 16
+_ENDS = 5  # turns at each end of the conversation whose medians are compared too
 
 
 def _conversation(model: Path, *, prefix_cache_mb: str) -> list[TurnRecord]:
@@ -42,6 +43,14 @@ def _report(name: str, turns: list[TurnRecord]) -> float:
         f"  {name}: turn 1 {first.latency_s * 1000:.0f} ms, turn {len(turns)} "
         f"{last.latency_s * 1000:.0f} ms = {ratio:.2f}x; turns 2-{len(turns) - 1} "
         f"p50 {middle * 1000:.0f} ms"
+    )
+    # One turn against one turn moves by a third between runs on a shared machine (seen:
+    # 1.38x to 2.09x for the same code); the ends' medians move less.
+    head = percentile([t.latency_s for t in turns[:_ENDS]], 0.5)
+    tail = percentile([t.latency_s for t in turns[-_ENDS:]], 0.5)
+    say(
+        f"    p50 of the last {_ENDS} turns over the first {_ENDS}: {tail * 1000:.0f} / "
+        f"{head * 1000:.0f} ms = {tail / head:.2f}x"
     )
     for index in (0, len(turns) // 2, len(turns) - 1):
         job = turns[index].job
