@@ -1,6 +1,6 @@
 """The engine's core in a process of its own: the model, its batching loop and its key/value
-caches there; the worker's Celery task threads, which claim turns, build prompts, stream and
-store replies, here.
+caches there (worker/inference/engine_host.py); the worker's Celery task threads, which claim
+turns, build prompts, stream and store replies, here.
 
 In one process the batching loop shares the interpreter lock with every task thread, Celery's
 consumer and the worker's publishers: on B2 (bench/b2_turn_overhead.py) a decoding step of 15
@@ -26,25 +26,16 @@ import atexit
 import itertools
 import logging
 import multiprocessing
-import os
-import signal
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from worker.inference.engine import Engine, ModelFacts, make_loop, model_facts
-from worker.inference.engine_loop import EngineLoop
-from worker.inference.engine_types import (
-    GenerationParams,
-    NumericalError,
-    PrefixCacheCounts,
-    StepStats,
-)
-from worker.inference.loader import load_model, load_tokenizer
+from worker.inference.engine import Engine, ModelFacts
+from worker.inference.engine_host import EngineSpec, serve
+from worker.inference.engine_types import NumericalError, PrefixCacheCounts, StepStats
+from worker.inference.loader import load_tokenizer
 from worker.inference.prompt import Transcript
 from worker.inference.request import GenerationRequest
 
@@ -55,17 +46,7 @@ LAST_TURN_TIMEOUT_S = 5.0
 # How long the engine process has to end its loop when asked to stop, before it is killed.
 STOP_TIMEOUT_S = 15.0
 
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What the engine process loads and how it batches (the worker's settings)."""
-
-    model_id: str
-    max_batch: int = 16
-    prefill_tokens: int = 512
-    prefix_cache_bytes: int = 0
-    # A cap on the model's context window: each batch slot holds this many tokens.
-    max_context_tokens: int | None = None
+__all__ = ["EngineFailure", "EngineLost", "EngineProcess", "EngineSpec", "start_engine_process"]
 
 
 class EngineFailure(RuntimeError):
@@ -325,155 +306,3 @@ def _error(name: str, text: str) -> BaseException:
     if name == NumericalError.__name__:
         return NumericalError(text)
     return EngineFailure(f"{name}: {text}")
-
-
-# -- the engine process ----------------------------------------------------------------------
-
-
-def serve(conn: Connection, spec: EngineSpec, setup: Callable[[], None] | None) -> None:
-    """The engine process: load the model, then run requests until told to stop or until
-    the worker is gone."""
-    # Ctrl-C reaches the whole process group, and a service manager's SIGTERM often the
-    # whole group too: the worker decides when generation stops (its warm shutdown lets the
-    # turns in flight end, then says stop), and this process ends with it in any case.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if setup is not None:
-        setup()
-    started = time.perf_counter()
-    relay = _Relay(conn)
-    try:
-        loaded = load_model(spec.model_id)
-        if spec.max_context_tokens:
-            # The key/value cache holds this many tokens for every batch slot: a model with a
-            # long window (128k) would not fit it on the GPU at its full length.
-            loaded.max_context_tokens = min(loaded.max_context_tokens, spec.max_context_tokens)
-        facts = model_facts(loaded)
-        loop = make_loop(
-            loaded,
-            facts,
-            max_batch=spec.max_batch,
-            prefill_tokens=spec.prefill_tokens,
-            prefix_cache_bytes=spec.prefix_cache_bytes,
-            on_step=relay.stepped,
-            on_iteration=relay.flush,
-        )
-    except Exception as exc:
-        log.exception("the engine could not load %s", spec.model_id)
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    relay.loop = loop
-    log.info(
-        "engine process: model %s on %s in %.1fs",
-        spec.model_id,
-        loaded.device,
-        time.perf_counter() - started,
-    )
-    conn.send(("ready", facts))
-    relay.serve()
-    loop.stop()
-    # Nothing is left to save, and the interpreter's own teardown of torch took seconds more
-    # (measured: 3.1 s after a kill -9 of the worker) while the process held the model.
-    logging.shutdown()
-    os._exit(0)
-
-
-class _Relay:
-    """The engine process's side of the pipe: requests in, what they did out."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.loop: EngineLoop | None = None
-        self._conn = conn
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._live: dict[int, GenerationRequest] = {}
-        self._sent: dict[int, int] = {}  # request id -> its tokens already reported
-        self._steps: list[StepStats] = []
-        self._reported: tuple[int, tuple[int, int, int] | None] | None = None
-
-    def serve(self) -> None:
-        """Take the worker's messages until it says stop or its end of the pipe closes."""
-        loop = self.loop
-        assert loop is not None
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                log.warning("the worker is gone; the engine process stops")
-                return
-            kind = message[0]
-            if kind == "submit":
-                self._submit(loop, *message[1:])
-            elif kind == "cancel":
-                with self._lock:
-                    request = self._live.get(message[1])
-                if request is not None:
-                    request.cancel()
-            elif kind == "remember":
-                loop.remember(message[1], message[2])
-            elif kind == "last_turn":
-                self._send(("answer", message[1], loop.last_turn(message[2])))
-            elif kind == "stop":
-                return
-
-    def _submit(
-        self,
-        loop: EngineLoop,
-        request_id: int,
-        input_ids: list[int],
-        params: GenerationParams,
-        max_new_tokens: int,
-        prefix_key: str | None,
-        submitted_at: float,
-    ) -> None:
-        request = GenerationRequest(
-            input_ids, params, max_new_tokens, prefix_key=prefix_key, submitted_at=submitted_at
-        )
-        with self._lock:
-            self._live[request_id] = request
-            self._sent[request_id] = 0
-        loop.submit(request)
-
-    def stepped(self, stats: StepStats) -> None:
-        self._steps.append(stats)
-
-    def flush(self) -> None:
-        """On the loop's thread after each pass: report new tokens and ends in one message."""
-        events: list[tuple[int, str, Any, Any]] = []
-        with self._lock:
-            live = list(self._live.items())
-        ended = []
-        for request_id, request in live:
-            sent = self._sent[request_id]
-            if len(request.generated) > sent:
-                events.append(
-                    (request_id, "tokens", request.generated[sent:], request.first_token_at)
-                )
-                self._sent[request_id] = len(request.generated)
-            if request.status.ended:
-                ended.append(request_id)
-                if request.error is not None:
-                    error = request.error
-                    events.append((request_id, "failed", type(error).__name__, str(error)))
-                else:
-                    events.append((request_id, "finished", request.finish_reason, None))
-        if ended:
-            with self._lock:
-                for request_id in ended:
-                    del self._live[request_id], self._sent[request_id]
-        loop = self.loop
-        cache = None if loop is None else loop.prefix_cache
-        counts = None if cache is None else (cache.hits, cache.misses, cache.reused_tokens)
-        state = (0 if loop is None else loop.running, counts)
-        if not events and not self._steps and state == self._reported:
-            return
-        steps, self._steps = self._steps, []
-        self._reported = state
-        self._send(("progress", events, state[0], counts, steps))
-
-    def _send(self, message: tuple[Any, ...]) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError):
-            pass  # the worker is gone: `serve` reads the end and stops
