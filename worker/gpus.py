@@ -2,7 +2,9 @@
 set before it starts (so before torch loads), or one CPU worker where there is no GPU.
 
 This launcher never imports torch: it counts GPUs with nvidia-smi, so no CUDA context exists
-in any process before the workers start (invariant 6). Run: python -m worker.gpus --gpus auto
+in any process before the workers start (invariant 6). Each worker runs its model in an engine
+process it spawns (worker/inference/engine_process.py), which inherits its pinning and ends
+with it. Run: python -m worker.gpus --gpus auto
 """
 
 from __future__ import annotations
