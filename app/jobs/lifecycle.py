@@ -145,9 +145,9 @@ def claim(session: Session, *, job_id: str, lease_seconds: int) -> Claim | None:
             started_at=utcnow(),
         )
         .returning(Job.attempts, Job.tenant_id)
-        # A job loaded in the session is not brought up to date: no job is loaded as an
-        # object before a claim in its session (run_turn reads plain rows). Without this the
-        # ORM compiles an evaluator of the WHERE clause on every claim.
+        # A job loaded in the session is not brought up to date: a claim comes first in its
+        # session (run_turn). Without this the ORM compiles an evaluator of the WHERE clause
+        # on every claim.
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:

@@ -104,35 +104,31 @@ def _generate_and_end(runtime: Runtime, turn: ClaimedTurn) -> None:
 def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
     settings = runtime.settings
     with session_scope() as session:
-        # What generation needs, in one read of plain rows (loading the job and its
-        # conversation as ORM objects cost the claim as much again: B2, 10.5 ms of CPU), and
-        # the context, before the claim: the claim's release of the tenant's next held job
-        # takes the tenant's lock until this transaction commits, and every claim and end of
-        # the tenant's jobs waits for that lock (B2, one tenant: claims took 80 ms).
+        claim = lifecycle.claim(session, job_id=job_id, lease_seconds=settings.turn_lease_seconds)
+        if claim is None:
+            log.info("not claimable (ended, running elsewhere or not next)")
+            return None
+        # What generation needs, in one read of plain rows: loading the job and its
+        # conversation as ORM objects cost the claim as much again (B2: claim 10.5 ms of CPU).
         job = session.execute(
             select(
                 Job.conversation_id,
                 Job.turn,
                 Job.generation,
                 Job.created_at,
+                Job.started_at,
                 Conversation.system_prompt,
                 Message.content,
             )
             .join(Conversation, Conversation.id == Job.conversation_id)
             .join(Message, (Message.job_id == Job.id) & (Message.role == "user"))
             .where(Job.id == job_id)
-        ).one_or_none()
-        if job is None:
-            log.info("not claimable (deleted)")
-            return None
+        ).one()
         context = runtime.context.load(
             session, conversation_id=job.conversation_id, before_turn=job.turn
         )
-        claim = lifecycle.claim(session, job_id=job_id, lease_seconds=settings.turn_lease_seconds)
-        if claim is None:
-            log.info("not claimable (ended, running elsewhere or not next)")
-            return None
-        metrics.QUEUE_WAIT.observe((utcnow() - job.created_at).total_seconds())
+        if job.started_at is not None:
+            metrics.QUEUE_WAIT.observe((job.started_at - job.created_at).total_seconds())
         generation = job.generation
         turn = ClaimedTurn(
             claim=claim,
