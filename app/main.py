@@ -26,8 +26,9 @@ from app.errors import (
     install_error_handlers,
 )
 from app.health import router as health_router
+from app.jobs.intake import Intake
 from app.jobs.router import router as jobs_router
-from app.jobs.service import UnsentCounts
+from app.jobs.submission import UnsentCounts
 from app.jobs.waiter import JobWaiter
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -56,7 +57,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await pool.open(wait=False)
     app.state.async_pool = pool
     app.state.async_slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
-    app.state.unsent_counts = UnsentCounts()
+    intake = Intake(pool, app.state.async_slots, UnsentCounts())
+    app.state.intake = intake
+    intake.start()
     app.state.session_slots = asyncio.Semaphore(SESSION_SLOTS)
     app.state.ops_slots = asyncio.Semaphore(OPS_SLOTS)
     waiter = JobWaiter(settings.redis_url)
@@ -69,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await intake.stop()
         await waiter.stop()
         await app.state.async_redis.aclose()
         await pool.close()

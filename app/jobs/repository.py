@@ -9,29 +9,41 @@ code states the same rule (app.jobs.fair_share, app.jobs.lifecycle); "unfinished
 
 from __future__ import annotations
 
-# The tenant's unfinished jobs, counted up to its limit (a deep queue costs no more), and its
+# A submit's statements take a whole group of turns at once (app.jobs.submission, one
+# transaction for the submits of the same moment): each is one statement over arrays, one row
+# of them a turn, a tenant or a conversation, so the group costs what one submit did.
+
+# Each tenant's unfinished jobs, counted up to its limit (a deep queue costs no more), and its
 # jobs sent and waiting in the broker, up to its share (fair_share._sent_waiting).
-TENANT_LOAD = """
-SELECT
-  (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s
-     AND status IN ('queued', 'running') LIMIT %(limit)s) AS unfinished),
-  (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s
-     AND status = 'queued' AND enqueued_at IS NOT NULL LIMIT %(share)s) AS sent)
+TENANT_LOADS = """
+SELECT t.tenant,
+  (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = t.tenant
+     AND status IN ('queued', 'running') LIMIT t.cap) AS unfinished),
+  (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = t.tenant
+     AND status = 'queued' AND enqueued_at IS NOT NULL LIMIT t.share) AS sent)
+FROM unnest(%(tenants)s::text[], %(limits)s::int[], %(shares)s::int[]) AS t(tenant, cap, share)
 """
 
 SENT_WAITING = """
-SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = %(tenant)s
-  AND status = 'queued' AND enqueued_at IS NOT NULL LIMIT %(share)s) AS sent
+SELECT t.tenant,
+  (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = t.tenant
+     AND status = 'queued' AND enqueued_at IS NOT NULL LIMIT t.share) AS sent)
+FROM unnest(%(tenants)s::text[], %(shares)s::int[]) AS t(tenant, share)
 """
 
-# fair_share.lock_tenant: until the transaction ends.
-TENANT_LOCK = "SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(tenant)s))"
+# fair_share.lock_tenant, for each tenant, until the transaction ends. Taken in the order of
+# the locks' own keys, as every group takes them, so two groups never wait on each other.
+TENANT_LOCKS = """
+SELECT pg_advisory_xact_lock(%(namespace)s, k.key)
+FROM (SELECT DISTINCT hashtext(t) AS key FROM unnest(%(tenants)s::text[]) AS t ORDER BY 1) AS k
+"""
 
-NEW_CONVERSATION = """
+NEW_CONVERSATIONS = """
 INSERT INTO conversations
   (id, tenant_id, system_prompt, metadata, turn_count, message_count, created_at, updated_at)
-VALUES (%(id)s, %(tenant)s, %(system_prompt)s, %(metadata)s, %(turns)s, %(messages)s, %(now)s,
-  %(now)s)
+SELECT c.id, c.tenant, c.system_prompt, c.metadata, c.turns, 2 * c.turns - 1, %(now)s, %(now)s
+FROM unnest(%(ids)s::text[], %(tenants)s::text[], %(system_prompts)s::text[],
+  %(metadata)s::jsonb[], %(turns)s::int[]) AS c(id, tenant, system_prompt, metadata, turns)
 """
 
 # An earlier turn a new conversation starts with (a Responses API `input` that holds the
@@ -52,55 +64,80 @@ SELECT %(reply_id)s, %(conversation)s, job.id, %(reply_seq)s, 'assistant', %(rep
 FROM job
 """
 
-# The next turn of the tenant's conversation; the UPDATE holds its row lock until the end of
-# the transaction, so turns of one conversation are numbered one at a time. No row: not the
-# tenant's (or no such conversation), and no other tenant's row is locked or waited for.
-NEXT_TURN = """
-UPDATE conversations
-SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = %(now)s
-WHERE id = %(id)s AND tenant_id = %(tenant)s
-RETURNING turn_count
+# The tenants' conversations that new turns continue, locked until the end of the
+# transaction (in the order of their ids, as every group locks them), so that turns of one
+# conversation are numbered one at a time. A missing row: not the tenant's (or no such
+# conversation), and no other tenant's row is locked or waited for.
+LOCK_CONVERSATIONS = """
+SELECT c.id, c.tenant_id, c.turn_count FROM conversations AS c
+JOIN unnest(%(ids)s::text[], %(tenants)s::text[]) AS w(id, tenant)
+  ON c.id = w.id AND c.tenant_id = w.tenant
+ORDER BY c.id
+FOR UPDATE OF c
 """
 
-# lifecycle.is_next_in_conversation, negated: an earlier turn of the conversation is
-# unfinished (queued or running, app.models.UNFINISHED), so this one waits for it.
+# Each conversation locked above, `added` turns longer.
+ADD_TURNS = """
+UPDATE conversations AS c
+SET turn_count = c.turn_count + w.added, message_count = c.message_count + w.added,
+  updated_at = %(now)s
+FROM unnest(%(ids)s::text[], %(added)s::int[]) AS w(id, added)
+WHERE c.id = w.id
+"""
+
+# lifecycle.is_next_in_conversation, negated: the conversations with an unfinished turn
+# (queued or running, app.models.UNFINISHED) before `turn`, whose new turns wait for it.
 EARLIER_UNFINISHED = """
-SELECT EXISTS (SELECT 1 FROM jobs WHERE conversation_id = %(conversation)s
-  AND turn < %(turn)s AND status IN ('queued', 'running'))
+SELECT w.id FROM unnest(%(ids)s::text[], %(turns)s::int[]) AS w(id, turn)
+WHERE EXISTS (SELECT 1 FROM jobs WHERE conversation_id = w.id AND turn < w.turn
+  AND status IN ('queued', 'running'))
 """
 
-# The job and the user's message, in one statement.
-NEW_JOB = """
-WITH job AS (
+# The jobs and their users' messages, in one statement. `ready` and `sent` stamp ready_at and
+# enqueued_at with the transaction's moment.
+NEW_JOBS = """
+WITH j AS (
+  SELECT * FROM unnest(%(ids)s::text[], %(tenants)s::text[], %(conversations)s::text[],
+    %(turns)s::int[], %(generations)s::jsonb[], %(metadata)s::jsonb[],
+    %(webhook_urls)s::text[], %(ready)s::bool[], %(sent)s::bool[], %(backgrounds)s::bool[],
+    %(message_ids)s::text[], %(seqs)s::int[], %(contents)s::text[])
+  AS j(id, tenant, conversation, turn, generation, metadata, webhook_url, ready, sent,
+    background, message_id, seq, content)
+), job AS (
   INSERT INTO jobs (id, tenant_id, conversation_id, turn, status, generation, metadata,
     webhook_url, attempts, cancel_requested, created_at, ready_at, enqueued_at, background)
-  VALUES (%(id)s, %(tenant)s, %(conversation)s, %(turn)s, 'queued', %(generation)s,
-    %(metadata)s, %(webhook_url)s, 0, false, %(now)s, %(ready_at)s, %(enqueued_at)s,
-    %(background)s)
+  SELECT id, tenant, conversation, turn, 'queued', generation, metadata, webhook_url, 0,
+    false, %(now)s, CASE WHEN ready THEN %(now)s END, CASE WHEN sent THEN %(now)s END,
+    background
+  FROM j
   RETURNING id
 )
 INSERT INTO messages (id, conversation_id, job_id, seq, role, content, created_at)
-SELECT %(message_id)s, %(conversation)s, job.id, %(seq)s, 'user', %(content)s, %(now)s
-FROM job
+SELECT j.message_id, j.conversation, job.id, j.seq, 'user', j.content, %(now)s
+FROM j JOIN job ON job.id = j.id
 """
 
 IDEMPOTENCY_DONE = """
-UPDATE idempotency_keys SET job_id = %(job)s WHERE tenant_id = %(tenant)s AND key = %(key)s
+UPDATE idempotency_keys AS k SET job_id = w.job
+FROM unnest(%(jobs)s::text[], %(tenants)s::text[], %(keys)s::text[]) AS w(job, tenant, key)
+WHERE k.tenant_id = w.tenant AND k.key = w.key
 """
 
-# fair_share.queue_position of a sent job: the jobs sent before it (the broker is FIFO).
+# fair_share.queue_position of sent jobs: for each, the jobs sent before it (the broker is
+# FIFO).
 SENT_BEFORE = """
-SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL
-  AND (enqueued_at, id) < (%(at)s, %(id)s)
+SELECT w.id, (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL
+  AND (enqueued_at, id) < (%(at)s, w.id))
+FROM unnest(%(ids)s::text[]) AS w(id)
 """
 
-# fair_share.queue_position of a job not sent: every sent job, and the tenant's own unsent
-# jobs accepted before this one...
+# fair_share.queue_position of jobs not sent: every sent job, and for each job its tenant's
+# own unsent jobs accepted before it...
 SENT_AND_OWN_UNSENT_BEFORE = """
-SELECT
-  (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL),
-  (SELECT count(*) FROM jobs WHERE tenant_id = %(tenant)s AND status = 'queued'
-     AND enqueued_at IS NULL AND (created_at, id) < (%(at)s, %(id)s))
+SELECT w.id, (SELECT count(*) FROM jobs WHERE status = 'queued' AND enqueued_at IS NOT NULL),
+  (SELECT count(*) FROM jobs WHERE tenant_id = w.tenant AND status = 'queued'
+     AND enqueued_at IS NULL AND (created_at, id) < (%(at)s, w.id))
+FROM unnest(%(ids)s::text[], %(tenants)s::text[]) AS w(id, tenant)
 """
 
 # ...and the other tenants' unsent jobs (app.jobs.service.UnsentCounts reads these).
