@@ -11,14 +11,19 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
+from app import queue
 from app.config import get_settings, next_redis_database
+from app.db import get_engine
 from app.dev.stack import Stack
 from app.redis import WORKERS_KEY, workers_alive
+from celeryconfig import celery_config
 from tests.integration.helpers import Api
+from worker.turn_worker.reconciler import LOCK_KEY
 
 # The session's turn workers write their logs here (read by test_logs.py; look here when a
 # turn fails in a test).
@@ -151,3 +156,43 @@ def api(app_client: TestClient, workers: list[Any]) -> Api:
 @pytest.fixture
 def api_no_workers(app_client: TestClient) -> Api:
     return Api(app_client, admin_key=get_settings().parley_admin_key or "")
+
+
+@pytest.fixture
+def no_other_reconciler() -> Iterator[Callable[[], None]]:
+    """Hold the reconciler's lock, so that the session's workers skip their rounds; the
+    callable lets it go (for a test that reconciles itself)."""
+    holder = get_engine().connect()
+    holder.execute(select(func.pg_advisory_lock(LOCK_KEY)))
+    holder.commit()
+    held = [True]
+
+    def let_go() -> None:
+        if held[0]:
+            holder.execute(select(func.pg_advisory_unlock(LOCK_KEY)))
+            holder.commit()
+            held[0] = False
+
+    try:
+        yield let_go
+    finally:
+        let_go()
+        holder.close()
+
+
+@pytest.fixture
+def shares(monkeypatch: pytest.MonkeyPatch, no_other_reconciler: Callable[[], None]) -> Any:
+    """Fair shares of 2, and no worker takes the jobs sent: their messages go to a broker no
+    worker listens to (the session's workers, started by other tests, would run them). Nor
+    does the reconciler run meanwhile (it would release held jobs by the shares of its own
+    settings, not these tests'): `no_other_reconciler` holds its lock."""
+    settings = get_settings()
+    unwatched = settings.model_copy(
+        update={"broker_url": settings.redis_url.rsplit("/", 1)[0] + "/9"}
+    )
+    client = Celery("parley-fair-share-tests")
+    client.conf.update(celery_config(unwatched))
+    monkeypatch.setattr(queue, "get_client", lambda: client)
+    monkeypatch.setattr(settings, "fair_share_default", 2)
+    monkeypatch.setattr(settings, "fair_share_tenants", {})
+    return settings

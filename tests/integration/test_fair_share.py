@@ -1,69 +1,26 @@
 """Fair share between tenants (api.md): a tenant has at most its share of jobs waiting in the
 broker; its other ready jobs are held in PostgreSQL and sent as earlier ones start or end.
 
-No worker takes these jobs: their messages go to a broker no worker listens to (the session's
-workers, started by other tests, would otherwise run them), and starts are made by calling the
-claim a worker makes, on the real database, so that the held jobs can be read at each step.
-Nor does their reconciler run meanwhile (it would release held jobs by the shares of its own
-settings, not these tests'): the tests hold its lock."""
+No worker takes these jobs (the `shares` fixture), and starts are made by calling the claim
+a worker makes, on the real database, so that the held jobs can be read at each step."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery import Celery
 from sqlalchemy import func, select
 
-from app import queue
-from app.config import get_settings
-from app.db import get_engine, session_scope
+from app.db import session_scope
 from app.jobs import lifecycle
 from app.models import Job, JobStatus
-from celeryconfig import celery_config
 from tests.integration.helpers import Api
-from worker.turn_worker.reconciler import LOCK_KEY, reconcile
+from worker.turn_worker.reconciler import reconcile
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def no_other_reconciler() -> Iterator[Callable[[], None]]:
-    """Hold the reconciler's lock, so that the session's workers skip their rounds; the
-    callable lets it go (for a test that reconciles itself)."""
-    holder = get_engine().connect()
-    holder.execute(select(func.pg_advisory_lock(LOCK_KEY)))
-    holder.commit()
-    held = [True]
-
-    def let_go() -> None:
-        if held[0]:
-            holder.execute(select(func.pg_advisory_unlock(LOCK_KEY)))
-            holder.commit()
-            held[0] = False
-
-    try:
-        yield let_go
-    finally:
-        let_go()
-        holder.close()
-
-
-@pytest.fixture
-def shares(monkeypatch: pytest.MonkeyPatch, no_other_reconciler: Callable[[], None]) -> Any:
-    settings = get_settings()
-    unwatched = settings.model_copy(
-        update={"broker_url": settings.redis_url.rsplit("/", 1)[0] + "/9"}
-    )
-    client = Celery("parley-fair-share-tests")
-    client.conf.update(celery_config(unwatched))
-    monkeypatch.setattr(queue, "get_client", lambda: client)
-    monkeypatch.setattr(settings, "fair_share_default", 2)
-    monkeypatch.setattr(settings, "fair_share_tenants", {})
-    return settings
 
 
 def _sent(job_id: str) -> bool:
