@@ -81,8 +81,14 @@ async def run_in_session(request: Request, work: Callable[[Session], T]) -> T:
         return await run_in_threadpool(run)
 
 
+async def _settings() -> Settings:
+    # A dependency that is a plain function runs in the threadpool: a thread hop per request
+    # for a cached read. Every dependency here that does not block is a coroutine.
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
@@ -139,7 +145,7 @@ async def current_principal(request: Request, settings: SettingsDep) -> Principa
 CurrentKey = Annotated[Principal, Depends(current_principal)]
 
 
-def admin_principal(principal: CurrentKey) -> Principal:
+async def admin_principal(principal: CurrentKey) -> Principal:
     if not principal.is_admin:
         raise ProblemError(403, "This route needs an admin key.")
     return principal
