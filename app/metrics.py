@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, generate_latest
+from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -19,6 +19,11 @@ from app.redis import get_redis, worker_metrics
 log = logging.getLogger("parley.metrics")
 
 JOBS_SUBMITTED = Counter("parley_jobs_submitted_total", "Chat turns accepted (202).")
+SUBMIT_GROUP_SIZE = Histogram(
+    "parley_submit_group_size",
+    "Turns stored together in one transaction by this API process (app.jobs.intake).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 
 
 class JobsCollector(Collector):

@@ -31,14 +31,14 @@ from app.errors import ProblemError
 from app.jobs.schemas import JobCreate
 from app.jobs.submission import NewTurn, Submitted, UnsentCounts, store_turns
 from app.logs import log_context
-from app.metrics import JOBS_SUBMITTED
+from app.metrics import JOBS_SUBMITTED, SUBMIT_GROUP_SIZE
 from app.queue import RUN_TURN, send_now
 
 log = logging.getLogger("parley.jobs")
 
 # Runners storing groups at once, each on a connection of the async pool: enough that a
 # group waiting on a lock (a tenant's, a conversation's) does not hold up every submit.
-RUNNERS = 4
+RUNNERS = 2
 # The most turns in one transaction: a group's statements grow with it, and its answers all
 # wait for its commit.
 MAX_GROUP = 64
@@ -132,6 +132,7 @@ class Intake:
                     if not waiting.answer.done():
                         waiting.answer.set_exception(exc)
             return
+        SUBMIT_GROUP_SIZE.observe(len(group))
         sends = [o.job.id for o in outcomes if isinstance(o, Submitted) and o.send]
         failed = await run_in_threadpool(_send_all, sends) if sends else {}
         for waiting, outcome in zip(group, outcomes, strict=True):
