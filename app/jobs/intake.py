@@ -69,11 +69,13 @@ class Intake:
         self._unsent = unsent
         self._queue: asyncio.Queue[_Waiting] = asyncio.Queue()
         self._runners: list[asyncio.Task[None]] = []
+        self._stopped = False
 
     def start(self) -> None:
         self._runners = [asyncio.create_task(self._run()) for _ in range(RUNNERS)]
 
     async def stop(self) -> None:
+        self._stopped = True
         for runner in self._runners:
             runner.cancel()
         for runner in self._runners:
@@ -86,6 +88,8 @@ class Intake:
 
     async def submit(self, turn: NewTurn) -> Submitted:
         """Store `turn` (with those that arrive with it) and send it once committed."""
+        if self._stopped:
+            raise _stopping()
         answer: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Waiting(turn, answer))
         try:

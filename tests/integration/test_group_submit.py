@@ -180,3 +180,30 @@ def test_a_turn_the_database_refuses_fails_alone(
     assert isinstance(outcomes[1], psycopg.DataError)
     assert isinstance(outcomes[0], Submitted) and isinstance(outcomes[2], Submitted)
     assert len(_stored(outcomes[0].job.id, outcomes[2].job.id)) == 2
+
+
+def test_a_request_cancelled_meanwhile_ends_once_its_turn_is_stored(
+    api_no_workers: Api, database_url: str, shares: Any
+) -> None:
+    """Its group goes on; the request's way out (an Idempotency-Key freed unless a job holds
+    it) then sees the stored job."""
+    api_no_workers.create_key("acme")
+
+    async def run() -> int:
+        pool = make_async_pool(database_url, size=2)
+        await pool.open(wait=True)
+        intake = Intake(pool, asyncio.Semaphore(2), UnsentCounts())
+        intake.start()
+        try:
+            request = asyncio.ensure_future(intake.submit(_turn("acme", "going, gone")))
+            await asyncio.sleep(0.001)  # queued, and taken by a runner
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            with session_scope() as session:
+                return session.query(Job).count()
+        finally:
+            await intake.stop()
+            await pool.close()
+
+    assert asyncio.run(run()) == 1
