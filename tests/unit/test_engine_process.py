@@ -143,3 +143,13 @@ def test_turns_in_flight_fail_and_the_worker_is_told_when_the_engine_process_die
 def test_a_model_that_does_not_load_fails_the_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="could not load the model"):
         start_engine_process(EngineSpec(model_id=str(tmp_path)))
+
+
+def test_an_error_there_is_stored_by_its_name_there() -> None:
+    from worker.inference.engine_process import _error
+    from worker.turn_worker.run_turn import failure_name
+
+    failure = _error("IndexError", "index out of range")
+    assert isinstance(failure, Exception) and str(failure) == "IndexError: index out of range"
+    assert failure_name(failure) == "IndexError"
+    assert failure_name(ValueError("here")) == "ValueError"

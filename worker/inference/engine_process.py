@@ -50,7 +50,10 @@ __all__ = ["EngineFailure", "EngineLost", "EngineProcess", "EngineSpec", "start_
 
 
 class EngineFailure(RuntimeError):
-    """An error the engine process met generating a request, by its name there."""
+    """An error the engine process met generating a request; `name` is its type's name there
+    (the text says "name: message")."""
+
+    name = "EngineFailure"
 
 
 class EngineLost(RuntimeError):
@@ -305,4 +308,6 @@ class EngineProcess:
 def _error(name: str, text: str) -> BaseException:
     if name == NumericalError.__name__:
         return NumericalError(text)
-    return EngineFailure(f"{name}: {text}")
+    failure = EngineFailure(f"{name}: {text}")
+    failure.name = name
+    return failure

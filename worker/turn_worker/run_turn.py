@@ -25,6 +25,7 @@ from app.models import Conversation, Job, JobStatus, Message, reply_message_id, 
 from app.models.base import utcnow
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
+from worker.inference.engine_process import EngineFailure
 from worker.inference.engine_types import NumericalError
 from worker.inference.prompt import PromptTooLong, build_prompt
 from worker.turn_worker import metrics
@@ -93,12 +94,18 @@ def _generate_and_end(runtime: Runtime, turn: ClaimedTurn) -> None:
     except Exception as exc:
         log.exception("generation failed")
         if turn.claim.attempts >= runtime.settings.max_turn_attempts:
-            message = f"Generation failed: {type(exc).__name__}"
+            message = f"Generation failed: {failure_name(exc)}"
             with_db_retry(lambda: _finish_failed(runtime, turn, "generation_error", message))
         else:
             with_db_retry(lambda: _retry(turn))
     else:
         with_db_retry(lambda: _finish(runtime, turn, result, context_messages))
+
+
+def failure_name(exc: Exception) -> str:
+    """The name a failed turn's stored error gives its cause: an error in the engine process
+    arrives here as EngineFailure, and is named as it was there."""
+    return exc.name if isinstance(exc, EngineFailure) else type(exc).__name__
 
 
 def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
