@@ -31,6 +31,8 @@ OPS_SLOTS = 2
 # Connections of the async pool (app.state.async_pool), for the routes on the event loop:
 # the key lookup and submit. With the sync pool's 40 at most, 60 a process.
 ASYNC_POOL_SIZE = 20
+# Connections of the async Redis client (app.state.async_redis), for event stream readers.
+ASYNC_REDIS_CONNECTIONS = 64
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:

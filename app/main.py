@@ -17,7 +17,7 @@ from app.auth.service import ensure_bootstrap_admin
 from app.config import get_settings
 from app.conversations.router import router as conversations_router
 from app.db import make_async_pool, session_scope, set_statement_timeout
-from app.deps import ASYNC_POOL_SIZE, OPS_SLOTS, SESSION_SLOTS
+from app.deps import ASYNC_POOL_SIZE, ASYNC_REDIS_CONNECTIONS, OPS_SLOTS, SESSION_SLOTS
 from app.errors import (
     OPENAI_ERROR_SCHEMA,
     OPENAI_PATHS,
@@ -65,9 +65,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     waiter = JobWaiter(settings.redis_url)
     app.state.job_waiter = waiter
     await waiter.start()
-    # For the readers of job event streams (app.jobs.event_stream), on the event loop.
-    app.state.async_redis = aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+    # For the readers of job event streams (app.jobs.event_stream), on the event loop. A
+    # burst of readers (a thousand streams opened at once) waits its turn for a connection,
+    # up to 5 s, rather than failing past the pool's size mid-stream.
+    app.state.async_redis = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=ASYNC_REDIS_CONNECTIONS,
+            timeout=5,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
     )
     try:
         yield
