@@ -16,7 +16,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -134,7 +134,7 @@ class _Placed:
     conversation_id: str
     number: int
     new_conversation: bool
-    job_id: str = field(default_factory=lambda: new_id("job"))
+    job_id: str = ""
     ready: bool = True
     send: bool = False
 
@@ -153,6 +153,11 @@ async def store_turns(
         refused = _place(index, turn, loads[turn.tenant_id], continued, placed)
         if refused is not None:
             outcomes[index] = refused
+    # Ids in the group's order: new_id orders by the millisecond alone, and the group's jobs
+    # share their moment, so their order among the tenant's held jobs (released by ready_at,
+    # then id; counted ahead by created_at, then id) would otherwise be random.
+    for place, job_id in zip(placed, sorted(new_id("job") for _ in placed), strict=True):
+        place.job_id = job_id
     await _write_conversations(conn, placed, now)
     await _find_the_waiting(conn, placed)
     await _decide_sends(conn, placed, loads)
