@@ -6,8 +6,8 @@ The turns that arrive together are stored together: a group commit. Each of a fe
 takes every turn waiting when it is free, stores them in one transaction
 (app.jobs.submission.store_turns) and answers each. Under a light load a turn is stored
 alone, at once; under a heavy one, the turns that arrived while the runners were busy share
-the next transaction, whose statements and commit cost the database about what one submit
-did. No turn waits for others to arrive.
+the next transaction, whose round trips and commit they pay once. No turn waits for others
+to arrive.
 """
 
 from __future__ import annotations

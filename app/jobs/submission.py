@@ -2,7 +2,8 @@
 transaction (app.jobs.intake gathers them) whose statements each take the whole group
 (app.jobs.repository). The tenants' loads are one read, the conversations continued are
 locked in one and lengthened in one write, the jobs and their messages are one insert: a
-group of fifty costs the database and the driver little more than a submit alone.
+group pays the round trips, the statements' overhead and the commit once, whatever its size
+(B1: about half the CPU per submit, in the API and in PostgreSQL, of a transaction each).
 
 Each turn still gets its own answer. A turn refused (404, 409, 429) writes nothing, and the
 others of its group are stored as if it had not been there: every check is made in the
