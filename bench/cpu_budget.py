@@ -33,7 +33,7 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-def _is_engine(process: psutil.Process) -> bool:
+def is_engine_process(process: psutil.Process) -> bool:
     """A turn worker's engine process (worker/inference/engine_process.py): spawned by
     multiprocessing, so its command line is multiprocessing's."""
     try:
@@ -66,8 +66,8 @@ class CpuBudget:
         parts = {"API": _tree(api)}
         if worker is not None:
             processes = _tree(worker)
-            parts["worker"] = [p for p in processes if not _is_engine(p)]
-            parts["engine"] = [p for p in processes if _is_engine(p)]
+            parts["worker"] = [p for p in processes if not is_engine_process(p)]
+            parts["engine"] = [p for p in processes if is_engine_process(p)]
         parts["PostgreSQL"] = _named(["postgres"])
         parts["Redis"] = _named(["redis-server"])
         parts["client"] = [psutil.Process()]

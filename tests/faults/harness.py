@@ -276,6 +276,15 @@ class FaultWorld:
             rows = conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
         return {str(status): int(n) for status, n in rows}
 
+    def wait_running(self, at_least: int, *, timeout: float) -> int:
+        """Once at least `at_least` turns run at once (generating, for a fault to hit them):
+        how many do."""
+        deadline = time.monotonic() + timeout
+        while (running := self.status_counts().get("running", 0)) < at_least:
+            assert time.monotonic() < deadline, f"not {at_least} running: {self.status_counts()}"
+            time.sleep(0.02)
+        return running
+
     # The database --------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -31,10 +31,7 @@ def test_f15a_redis_outage_while_turns_generate(make_world: Callable[..., FaultW
     world.wait_broker_marker()
     ids, _ = world.new_conversations(key, TURNS, max_new_tokens=LONG_TOKENS)
 
-    deadline = time.monotonic() + 30
-    while world.status_counts().get("running", 0) < TURNS:
-        assert time.monotonic() < deadline, f"not all running: {world.status_counts()}"
-        time.sleep(0.05)
+    world.wait_running(TURNS, timeout=30)
     time.sleep(0.5)  # generating
     world.redis.stop()
     running_at_outage = world.status_counts().get("running", 0)

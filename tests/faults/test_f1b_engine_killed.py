@@ -5,12 +5,12 @@ engine: every turn ends, once."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import psutil
 import pytest
 
+from bench.cpu_budget import is_engine_process
 from tests.faults.harness import FaultWorld, report
 
 CONVERSATIONS = 16
@@ -19,11 +19,9 @@ NEW_TOKENS = 48  # long enough that turns are generating when the engine dies
 
 
 def _engine_process(supervisor_pid: int) -> psutil.Process:
-    """The engine process under the supervisor's worker: spawned by multiprocessing, and not
-    its resource tracker."""
+    """The engine process under the supervisor's worker."""
     for process in psutil.Process(supervisor_pid).children(recursive=True):
-        command = " ".join(process.cmdline())
-        if "spawn_main" in command:
+        if is_engine_process(process):
             return process
     raise AssertionError("the worker has no engine process")
 
@@ -39,10 +37,7 @@ def test_f1b_engine_process_killed_mid_generation(make_world: Callable[..., Faul
     ids, conversations = world.new_conversations(key, CONVERSATIONS, max_new_tokens=NEW_TOKENS)
     ids += world.more_turns(key, conversations, TURNS - 1, max_new_tokens=NEW_TOKENS)
 
-    deadline = time.monotonic() + 60
-    while (running := world.status_counts().get("running", 0)) < 4:
-        assert time.monotonic() < deadline, "never 4 turns running at once"
-        time.sleep(0.01)
+    running = world.wait_running(4, timeout=60)
     engine = _engine_process(supervisor.pid)
     worker = engine.parent()
     assert worker is not None
