@@ -10,7 +10,7 @@ import contextlib
 
 import redis
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus, Message
@@ -56,17 +56,6 @@ redis.call('SET', KEYS[2], ARGV[2] .. ':' .. count, 'EX', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-
-
-def last_succeeded_turn(session: Session, *, conversation_id: str, before_turn: int) -> int:
-    turn = session.execute(
-        select(func.max(Job.turn)).where(
-            Job.conversation_id == conversation_id,
-            Job.turn < before_turn,
-            Job.status == JobStatus.succeeded,
-        )
-    ).scalar_one()
-    return int(turn or 0)
 
 
 def load_from_database(
@@ -132,17 +121,17 @@ class ContextStore:
     def delete(self, conversation_id: str) -> None:
         self._redis.delete(_messages_key(conversation_id), _state_key(conversation_id))
 
-    def load(self, session: Session, *, conversation_id: str, before_turn: int) -> Context:
-        """The context for running turn `before_turn`: the cache when it is current, else the
-        database (and the cache is refreshed)."""
-        expected = last_succeeded_turn(
-            session, conversation_id=conversation_id, before_turn=before_turn
-        )
+    def load(
+        self, session: Session, *, conversation_id: str, before_turn: int, upto_turn: int
+    ) -> Context:
+        """The context for running turn `before_turn`, whose last succeeded turn before it is
+        `upto_turn` as the database says (the claim reads it): the cache when it covers
+        exactly that, else the database (and the cache is refreshed)."""
         try:
             cached = self.get(conversation_id)
         except redis.RedisError:
             cached = None
-        if cached is not None and cached.upto_turn == expected:
+        if cached is not None and cached.upto_turn == upto_turn:
             return cached
         context = load_from_database(
             session,

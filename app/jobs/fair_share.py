@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.jobs import statements
 from app.models import Job, JobStatus
 
 # pg_advisory_xact_lock(namespace, hashtext(tenant_id)): "PF" for Parley fair share. Two
@@ -36,17 +37,10 @@ def share(tenant_id: str) -> int:
 
 def _sent_waiting(session: Session, tenant_id: str, *, up_to: int) -> int:
     """The tenant's jobs sent to the broker and not yet started, counted up to `up_to`."""
-    sent = (
-        select(Job.id)
-        .where(
-            Job.tenant_id == tenant_id,
-            Job.status == JobStatus.queued,
-            Job.enqueued_at.is_not(None),
-        )
-        .limit(up_to)
-        .subquery()
+    count = session.connection().execute(
+        statements.SENT_WAITING, {"tenant": tenant_id, "share": up_to}
     )
-    return int(session.execute(select(func.count()).select_from(sent)).scalar_one())
+    return int(count.scalar_one())
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
@@ -62,14 +56,6 @@ def has_room(session: Session, tenant_id: str) -> bool:
     # before it, so that the release of a start racing with this cannot miss the held job.
     lock_tenant(session, tenant_id)
     return _sent_waiting(session, tenant_id, up_to=limit) < limit
-
-
-def room(session: Session, tenant_id: str) -> int:
-    """How many held jobs of the tenant may be sent now; takes the tenant's lock, which the
-    caller's transaction then holds until it ends."""
-    lock_tenant(session, tenant_id)
-    limit = share(tenant_id)
-    return limit - _sent_waiting(session, tenant_id, up_to=limit)
 
 
 def position_when_held(

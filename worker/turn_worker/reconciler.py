@@ -130,7 +130,7 @@ def _redispatch_queued(session: Session, *, sent_before: datetime | None, why: s
         ).scalars()
     )
     for job in stale:
-        lifecycle.dispatch(session, job)
+        lifecycle.dispatch(session, job.id)
     if stale:
         log.info("%d queued jobs sent again (%s): %s", len(stale), why, [j.id for j in stale])
     return len(stale)

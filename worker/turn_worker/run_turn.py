@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from celery.exceptions import Reject
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.context.store import Context
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.logs import log_context
-from app.models import Conversation, Job, JobStatus, Message, reply_message_id, reply_seq
-from app.models.base import utcnow
+from app.models import JobStatus
 from app.schemas import ChatMessage
 from worker.inference.engine import GenerationParams, GenerationResult
 from worker.inference.engine_process import EngineFailure
@@ -42,10 +37,6 @@ class ClaimedTurn:
     """A claimed job and what generation needs, read in the claim's transaction."""
 
     claim: lifecycle.Claim
-    conversation_id: str
-    turn: int
-    system_prompt: str | None
-    message: str
     context: Context
     params: GenerationParams
     claimed_at: float = field(default_factory=time.monotonic)
@@ -115,43 +106,25 @@ def _claim(runtime: Runtime, job_id: str) -> ClaimedTurn | None:
         if claim is None:
             log.info("not claimable (ended, running elsewhere or not next)")
             return None
-        # What generation needs, in one read of plain rows: loading the job and its
-        # conversation as ORM objects cost the claim as much again (B2: claim 10.5 ms of CPU).
-        job = session.execute(
-            select(
-                Job.conversation_id,
-                Job.turn,
-                Job.generation,
-                Job.created_at,
-                Job.started_at,
-                Conversation.system_prompt,
-                Message.content,
-            )
-            .join(Conversation, Conversation.id == Job.conversation_id)
-            .join(Message, (Message.job_id == Job.id) & (Message.role == "user"))
-            .where(Job.id == job_id)
-        ).one()
         context = runtime.context.load(
-            session, conversation_id=job.conversation_id, before_turn=job.turn
+            session,
+            conversation_id=claim.conversation_id,
+            before_turn=claim.turn,
+            upto_turn=claim.context_upto,
         )
-        if job.started_at is not None:
-            metrics.QUEUE_WAIT.observe((job.started_at - job.created_at).total_seconds())
-        generation = job.generation
-        turn = ClaimedTurn(
-            claim=claim,
-            conversation_id=job.conversation_id,
-            turn=job.turn,
-            system_prompt=job.system_prompt,
-            message=job.content,
-            context=context,
-            params=GenerationParams(
-                max_new_tokens=generation.max_new_tokens,
-                temperature=generation.temperature,
-                top_p=generation.top_p,
-                seed=generation.seed,
-                time_limit_s=settings.generation_time_limit_seconds,
-            ),
-        )
+    metrics.QUEUE_WAIT.observe(claim.queued_s)
+    generation = claim.generation
+    turn = ClaimedTurn(
+        claim=claim,
+        context=context,
+        params=GenerationParams(
+            max_new_tokens=generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            seed=generation.seed,
+            time_limit_s=settings.generation_time_limit_seconds,
+        ),
+    )
     if claim.attempts > settings.max_turn_attempts:
         _finish_failed(runtime, turn, "too_many_attempts", "The turn was attempted too many times.")
         return None
@@ -162,12 +135,12 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
     try:
         prompt = build_prompt(
             runtime.engine.tokenizer,
-            system_prompt=turn.system_prompt,
+            system_prompt=turn.claim.system_prompt,
             history=turn.context.messages,
-            message=turn.message,
+            message=turn.claim.message,
             max_context_tokens=runtime.engine.max_context_tokens,
             max_new_tokens=turn.params.max_new_tokens,
-            last_turn=runtime.engine.last_turn(turn.conversation_id),
+            last_turn=runtime.engine.last_turn(turn.claim.conversation_id),
         )
     except PromptTooLong as exc:
         raise TurnFailed(
@@ -180,7 +153,7 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
                 prompt,
                 turn.params,
                 should_cancel=should_cancel,
-                prefix_key=turn.conversation_id,
+                prefix_key=turn.claim.conversation_id,
                 on_text=runtime.events.reply_shower(turn.claim.job_id, turn.claim.attempts),
             )
     except NumericalError as exc:
@@ -193,62 +166,36 @@ def _generate(runtime: Runtime, turn: ClaimedTurn) -> tuple[GenerationResult, in
     return result, prompt.context_messages
 
 
-@contextmanager
-def _owned(turn: ClaimedTurn) -> Iterator[tuple[Session, Conversation, Job] | None]:
-    """One transaction over the turn's conversation (locked first, as every job end does) and
-    its job, if this claim still owns it; None when the conversation was deleted or the job
-    re-claimed, and then nothing may be stored."""
-    with session_scope() as session:
-        conversation = lifecycle.lock_conversation(session, turn.conversation_id)
-        job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
-        if conversation is None or job is None:
-            log.info("no longer ours (deleted or re-claimed); storing nothing")
-            yield None
-        else:
-            yield session, conversation, job
-
-
 def _finish(
     runtime: Runtime, turn: ClaimedTurn, result: GenerationResult, context_messages: int
 ) -> None:
-    job_id = turn.claim.job_id
-    with _owned(turn) as owned:
-        if owned is None:
-            return
-        session, conversation, job = owned
-        job.context_messages = context_messages
-        job.prompt_tokens = result.prompt_tokens
-        job.completion_tokens = result.completion_tokens
-        job.finish_reason = result.finish_reason
-        succeeded = result.finish_reason != "cancelled" and not job.cancel_requested
-        if succeeded:
-            now = utcnow()
-            session.add(
-                Message(
-                    id=reply_message_id(job_id),
-                    conversation_id=turn.conversation_id,
-                    job_id=job_id,
-                    seq=reply_seq(turn.turn),
-                    role="assistant",
-                    content=result.text,
-                    created_at=now,
-                )
-            )
-            conversation.message_count += 1
-            conversation.updated_at = now
-        lifecycle.end_job(session, job, JobStatus.succeeded if succeeded else JobStatus.cancelled)
-    if succeeded:
+    claim = turn.claim
+    asked = JobStatus.cancelled if result.finish_reason == "cancelled" else JobStatus.succeeded
+    outcome = lifecycle.Outcome(
+        status=asked,
+        reply=result.text,
+        context_messages=context_messages,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+    )
+    with session_scope() as session:
+        status = lifecycle.end_claimed(session, claim, outcome)
+    if status is None:
+        log.info("no longer ours (deleted or re-claimed); stored nothing")
+        return
+    if status == JobStatus.succeeded:
         added = [
-            ChatMessage(role="user", content=turn.message),
+            ChatMessage(role="user", content=claim.message),
             ChatMessage(role="assistant", content=result.text),
         ]
-        runtime.context.extend(turn.conversation_id, turn.context, turn=turn.turn, added=added)
-    _ended(runtime, turn, "succeeded" if succeeded else "cancelled")
+        runtime.context.extend(claim.conversation_id, turn.context, turn=claim.turn, added=added)
+    _ended(runtime, turn, status)
     if result.time_to_first_token_s is not None:
         metrics.TIME_TO_FIRST_TOKEN.observe(result.time_to_first_token_s)
     log.info(
         "%s: %d prompt + %d completion tokens (%s)",
-        "succeeded" if succeeded else "cancelled",
+        status,
         result.prompt_tokens,
         result.completion_tokens,
         result.finish_reason,
@@ -256,21 +203,24 @@ def _finish(
 
 
 def _finish_failed(runtime: Runtime, turn: ClaimedTurn, code: str, message: str) -> None:
-    with _owned(turn) as owned:
-        if owned is None:
-            return
-        session, _, job = owned
-        lifecycle.end_job(session, job, JobStatus.failed, error_code=code, error_message=message)
+    outcome = lifecycle.Outcome(JobStatus.failed, error_code=code, error_message=message)
+    with session_scope() as session:
+        status = lifecycle.end_claimed(session, turn.claim, outcome)
+    if status is None:
+        log.info("no longer ours (deleted or re-claimed); stored nothing")
+        return
     log.warning("failed: %s", code)
-    _ended(runtime, turn, "failed")
+    _ended(runtime, turn, status)
 
 
 def _retry(turn: ClaimedTurn) -> None:
-    with _owned(turn) as owned:
-        if owned is None:
-            return
-        session, _, job = owned
-        if job.cancel_requested:
+    with session_scope() as session:
+        # Every job end takes the conversation's lock first, then the job's.
+        conversation = lifecycle.lock_conversation(session, turn.claim.conversation_id)
+        job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
+        if job is None:
+            log.info("no longer ours (deleted or re-claimed); stored nothing")
+        elif job.cancel_requested:
             # A cancelled turn is not tried again: queued with the flag, no worker would
             # claim it and its conversation would wait behind it for ever.
             lifecycle.end_job(session, job, JobStatus.cancelled)
@@ -278,7 +228,7 @@ def _retry(turn: ClaimedTurn) -> None:
             lifecycle.requeue(session, job)
 
 
-def _ended(runtime: Runtime, turn: ClaimedTurn, status: str) -> None:
+def _ended(runtime: Runtime, turn: ClaimedTurn, status: JobStatus) -> None:
     metrics.RUN_TIME.observe(time.monotonic() - turn.claimed_at)
     metrics.TURNS_ENDED.labels(status).inc()
     # Waiting clients and stream readers are told; they re-read the job now and then anyway.
