@@ -12,9 +12,10 @@ import pytest
 from tests.faults.harness import FaultWorld, report
 
 TURNS = 32
-# About 6 s of generation for 32 turns in one batch with the tiny model: the outage falls in
-# the middle of it.
-LONG_TOKENS = 500
+# Seconds of generation for 32 turns in one batch with the tiny model (2.5 s at 500 on a fast
+# day): the outage falls in the middle of it. A few turns stop early at their end-of-text
+# token whatever the limit.
+LONG_TOKENS = 900
 
 
 @pytest.mark.faults
@@ -32,7 +33,7 @@ def test_f15a_redis_outage_while_turns_generate(make_world: Callable[..., FaultW
     ids, _ = world.new_conversations(key, TURNS, max_new_tokens=LONG_TOKENS)
 
     world.wait_running(TURNS, timeout=30)
-    time.sleep(0.5)  # generating
+    time.sleep(0.2)  # generating
     world.redis.stop()
     running_at_outage = world.status_counts().get("running", 0)
     time.sleep(2)
@@ -59,7 +60,8 @@ def test_f15a_redis_outage_while_turns_generate(make_world: Callable[..., FaultW
         worker_restarts=world.log.read_text().count("exited; restarting it"),
         turn_after_outage=after_outcome.statuses,
     )
-    assert running_at_outage == TURNS, "the outage did not fall while the turns generated"
+    # Most of them: the few that met their end-of-text token first may have ended.
+    assert running_at_outage >= TURNS * 3 // 4, "the outage did not fall while turns generated"
     world.require(outcome.succeeded == len(ids), f"all succeeded: {outcome}")
     world.require(outcome.max_attempts == 1, f"no attempt lost: {outcome}")
     assert outcome.duplicate_replies == 0
