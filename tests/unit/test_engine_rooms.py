@@ -256,6 +256,39 @@ def test_a_cached_prefix_loads_into_a_slot() -> None:
     assert not SlotCache(slots=2, capacity=8, device=CPU).load_prefix(0, prefix, 4)
 
 
+def test_a_kept_prefix_is_copied_into_the_buffers_it_replaces_when_they_have_room() -> None:
+    rows = [_random_layers(5, 0), _random_layers(9, 1)]
+    cache = _prefilled(rows)
+    length, kept = cache.row_prefix(0)
+    assert length == 5 and kept[0][0].shape == (1, 2, 5, 3)
+    # Its buffers have room to grow (up to the slot's 16 columns): the next copy goes there.
+    length, again = cache.row_prefix(1, reuse=kept)
+    assert length == 9 and again[0][0].shape == (1, 2, 9, 3)
+    assert again[0][0].data_ptr() == kept[0][0].data_ptr()
+    for (k, v), (want_k, want_v) in zip(again, rows[1], strict=True):
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    # Buffers without room for the row are left alone.
+    small = _random_layers(3, 2)
+    length, fresh = cache.row_prefix(1, reuse=small)
+    assert fresh[0][0].data_ptr() != small[0][0].data_ptr()
+    assert torch.equal(fresh[0][0], rows[1][0][0]) and torch.equal(
+        small[0][0], _random_layers(3, 2)[0][0]
+    )
+
+
+def test_a_store_past_the_budget_drops_what_was_kept_for_its_key() -> None:
+    """A store may have been copied into the key's kept buffers: what they held is gone."""
+    cache = PrefixCache(max_bytes=4096)
+    small = [(torch.zeros(1, 2, 20, 4), torch.zeros(1, 2, 20, 4))]  # 1,280 bytes
+    cache.store("conv", list(range(20)), small)
+    assert cache.kept("conv") is small
+    # A view counts its whole buffer: 2 x 2 x 200 x 4 floats, past the budget.
+    buffer = torch.zeros(1, 2, 200, 4)
+    cache.store("conv", list(range(30)), [(buffer[:, :, :30], buffer[:, :, :30])])
+    assert cache.kept("conv") is None
+    assert cache.lookup("conv", list(range(40))) is None
+
+
 def test_groups_are_cut_to_the_prefill_budget() -> None:
     admitted = [Admitted(_request(n), None) for n in (10, 10, 12, 30, 600)]
     parts = within(admitted, 40)

@@ -282,7 +282,8 @@ class EngineLoop:
         sampled and never run through the model) for the conversation's next turn."""
         if self.prefix_cache is None or request.prefix_key is None:
             return
-        length, layers = self._slots.row_prefix(row)
+        kept = self.prefix_cache.kept(request.prefix_key)
+        length, layers = self._slots.row_prefix(row, reuse=kept)
         ids = request.input_ids + request.generated[:-1]
         self.prefix_cache.store(request.prefix_key, ids[:length], layers)
 

@@ -31,7 +31,7 @@ MIN_SHARED_TOKENS = 16
 class _Entry:
     ids: list[int]
     layers: Layers  # per layer (keys, values), [1, heads, len(ids), head_dim]
-    size: int
+    size: int  # bytes of the buffers under them, room to grow included
     transcript: Transcript | None = None
 
 
@@ -63,14 +63,23 @@ class PrefixCache(PrefixCacheCounts):
         self.reused_tokens += shared
         return PrefixHit(shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in entry.layers])
 
+    def kept(self, key: str) -> Layers | None:
+        """The keys and values kept for ``key``, whose buffers its next store may be copied
+        into (SlotCache.row_prefix): that store replaces them."""
+        with self._lock:
+            entry = self._entries.get(key)
+        return None if entry is None else entry.layers
+
     def store(self, key: str, ids: list[int], layers: Layers) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if size > self.max_bytes:
-            return
+        """Keep ``layers`` for ``key`` in place of what was kept for it (always dropped: it
+        may have been overwritten by this store's copy, see `kept`)."""
+        size = _buffer_bytes(layers)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.size
+            if size > self.max_bytes:
+                return
             self._entries[key] = _Entry(ids, layers, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
@@ -88,6 +97,11 @@ class PrefixCache(PrefixCacheCounts):
         with self._lock:
             entry = self._entries.get(key)
         return None if entry is None else entry.transcript
+
+
+def _buffer_bytes(layers: Layers) -> int:
+    """Memory the layers hold: their buffers whole, room to grow included."""
+    return sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in layers)
 
 
 def _common_prefix(a: list[int], b: list[int], *, limit: int) -> int:
