@@ -27,21 +27,21 @@ from sqlalchemy import (
 
 from app.models import UNFINISHED, Conversation, Job, JobStatus, Message
 
-jobs = cast(Table, Job.__table__)
-conversations = cast(Table, Conversation.__table__)
-messages = cast(Table, Message.__table__)
-_earlier = jobs.alias("earlier")
-_next = jobs.alias("next")
+_jobs = cast(Table, Job.__table__)
+_conversations = cast(Table, Conversation.__table__)
+_messages = cast(Table, Message.__table__)
+_earlier = _jobs.alias("earlier")
+_next = _jobs.alias("next")
 
 # The conversation's row lock, which every transition deciding what runs next takes first.
 LOCK_CONVERSATION = (
-    select(conversations.c.id)
-    .where(conversations.c.id == bindparam("conversation"))
+    select(_conversations.c.id)
+    .where(_conversations.c.id == bindparam("conversation"))
     .with_for_update()
 )
 
 # A job sent to the broker (its message goes once the transaction commits).
-SEND = update(jobs).where(jobs.c.id == bindparam("job")).values(enqueued_at=bindparam("now"))
+SEND = update(_jobs).where(_jobs.c.id == bindparam("job")).values(enqueued_at=bindparam("now"))
 
 # The tenant's jobs sent and waiting in the broker, counted up to its share.
 _sent_waiting = (
@@ -49,9 +49,9 @@ _sent_waiting = (
     .select_from(
         select(literal(1))
         .where(
-            jobs.c.tenant_id == bindparam("tenant"),
-            jobs.c.status == JobStatus.queued,
-            jobs.c.enqueued_at.is_not(None),
+            _jobs.c.tenant_id == bindparam("tenant"),
+            _jobs.c.status == JobStatus.queued,
+            _jobs.c.enqueued_at.is_not(None),
         )
         .limit(bindparam("share"))
         .subquery()
@@ -65,40 +65,40 @@ SENT_WAITING = select(_sent_waiting)
 # elsewhere is being cancelled or deleted: skipped, not waited for (its holder may be waiting
 # for this tenant's lock). RETURNING has no order: the caller sorts by (ready_at, id).
 RELEASE_HELD = (
-    update(jobs)
+    update(_jobs)
     .where(
-        jobs.c.id.in_(
-            select(jobs.c.id)
+        _jobs.c.id.in_(
+            select(_jobs.c.id)
             .where(
-                jobs.c.tenant_id == bindparam("tenant"),
-                jobs.c.status == JobStatus.queued,
-                jobs.c.enqueued_at.is_(None),
-                jobs.c.ready_at.is_not(None),
+                _jobs.c.tenant_id == bindparam("tenant"),
+                _jobs.c.status == JobStatus.queued,
+                _jobs.c.enqueued_at.is_(None),
+                _jobs.c.ready_at.is_not(None),
             )
-            .order_by(jobs.c.ready_at, jobs.c.id)
+            .order_by(_jobs.c.ready_at, _jobs.c.id)
             .limit(func.greatest(0, bindparam("share") - _sent_waiting))
             .with_for_update(skip_locked=True)
         )
     )
     .values(enqueued_at=bindparam("now"))
-    .returning(jobs.c.id, jobs.c.ready_at)
+    .returning(_jobs.c.id, _jobs.c.ready_at)
 )
 
 # The conversation's first unfinished job, if queued and not yet ready, made ready.
 NEXT_READY = (
-    update(jobs)
+    update(_jobs)
     .where(
-        jobs.c.id
+        _jobs.c.id
         == select(_next.c.id)
         .where(_next.c.conversation_id == bindparam("conversation"), _next.c.status.in_(UNFINISHED))
         .order_by(_next.c.turn)
         .limit(1)
         .scalar_subquery(),
-        jobs.c.status == JobStatus.queued,
-        jobs.c.ready_at.is_(None),
+        _jobs.c.status == JobStatus.queued,
+        _jobs.c.ready_at.is_(None),
     )
     .values(ready_at=bindparam("now"))
-    .returning(jobs.c.id, jobs.c.tenant_id)
+    .returning(_jobs.c.id, _jobs.c.tenant_id)
 )
 
 # The claim: queued (or running under an expired lease) and first among its conversation's
@@ -106,42 +106,42 @@ NEXT_READY = (
 # job), what generating the turn needs: the conversation's system prompt, the turn's message
 # and the last succeeded turn before it (the context its prompt must cover).
 CLAIM = (
-    update(jobs)
+    update(_jobs)
     .where(
-        jobs.c.id == bindparam("job"),
-        jobs.c.cancel_requested.is_(False),
-        (jobs.c.status == JobStatus.queued)
-        | and_(jobs.c.status == JobStatus.running, jobs.c.lease_expires_at < func.now()),
+        _jobs.c.id == bindparam("job"),
+        _jobs.c.cancel_requested.is_(False),
+        (_jobs.c.status == JobStatus.queued)
+        | and_(_jobs.c.status == JobStatus.running, _jobs.c.lease_expires_at < func.now()),
         ~exists().where(
-            _earlier.c.conversation_id == jobs.c.conversation_id,
-            _earlier.c.turn < jobs.c.turn,
+            _earlier.c.conversation_id == _jobs.c.conversation_id,
+            _earlier.c.turn < _jobs.c.turn,
             _earlier.c.status.in_(UNFINISHED),
         ),
-        conversations.c.id == jobs.c.conversation_id,
-        messages.c.job_id == jobs.c.id,
-        messages.c.role == "user",
+        _conversations.c.id == _jobs.c.conversation_id,
+        _messages.c.job_id == _jobs.c.id,
+        _messages.c.role == "user",
     )
     .values(
         status=JobStatus.running,
         claim_token=bindparam("token"),
-        attempts=jobs.c.attempts + 1,
+        attempts=_jobs.c.attempts + 1,
         lease_expires_at=func.now() + bindparam("lease", type_=Interval),
         started_at=bindparam("now"),
     )
     .returning(
-        jobs.c.attempts,
-        jobs.c.tenant_id,
-        jobs.c.conversation_id,
-        jobs.c.turn,
-        jobs.c.generation,
-        jobs.c.created_at,
-        jobs.c.started_at,
-        conversations.c.system_prompt,
-        messages.c.content,
+        _jobs.c.attempts,
+        _jobs.c.tenant_id,
+        _jobs.c.conversation_id,
+        _jobs.c.turn,
+        _jobs.c.generation,
+        _jobs.c.created_at,
+        _jobs.c.started_at,
+        _conversations.c.system_prompt,
+        _messages.c.content,
         select(func.coalesce(func.max(_earlier.c.turn), 0))
         .where(
-            _earlier.c.conversation_id == jobs.c.conversation_id,
-            _earlier.c.turn < jobs.c.turn,
+            _earlier.c.conversation_id == _jobs.c.conversation_id,
+            _earlier.c.turn < _jobs.c.turn,
             _earlier.c.status == JobStatus.succeeded,
         )
         .scalar_subquery()
@@ -152,16 +152,16 @@ CLAIM = (
 # A claimed job's end, if the claim still owns it. A success asked to be cancelled meanwhile
 # ends cancelled.
 END_CLAIMED = (
-    update(jobs)
+    update(_jobs)
     .where(
-        jobs.c.id == bindparam("job"),
-        jobs.c.status == JobStatus.running,
-        jobs.c.claim_token == bindparam("token"),
+        _jobs.c.id == bindparam("job"),
+        _jobs.c.status == JobStatus.running,
+        _jobs.c.claim_token == bindparam("token"),
     )
     .values(
         status=case(
             (
-                and_(bindparam("outcome") == JobStatus.succeeded.value, jobs.c.cancel_requested),
+                and_(bindparam("outcome") == JobStatus.succeeded.value, _jobs.c.cancel_requested),
                 JobStatus.cancelled.value,
             ),
             else_=bindparam("outcome"),
@@ -176,13 +176,13 @@ END_CLAIMED = (
         completion_tokens=bindparam("completion_count"),
         finish_reason=bindparam("reason"),
     )
-    .returning(jobs.c.status, jobs.c.webhook_url)
+    .returning(_jobs.c.status, _jobs.c.webhook_url)
 )
 
 # A turn's reply, and its conversation's counts. One statement: the insert rides along as a
 # CTE of the conversation's update.
 _reply = (
-    messages.insert()
+    _messages.insert()
     .values(
         id=bindparam("reply_id"),
         conversation_id=bindparam("conversation"),
@@ -195,8 +195,8 @@ _reply = (
     .cte("reply")
 )
 ADD_REPLY = (
-    update(conversations)
-    .where(conversations.c.id == bindparam("conversation"))
-    .values(message_count=conversations.c.message_count + 1, updated_at=bindparam("now"))
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("conversation"))
+    .values(message_count=_conversations.c.message_count + 1, updated_at=bindparam("now"))
     .add_cte(_reply)
 )
