@@ -31,6 +31,8 @@ from worker.turn_worker.runtime import Runtime, start_runtime
 
 log = logging.getLogger("parley.run_turn")
 
+_NOT_OURS = "no longer ours (deleted or re-claimed); stored nothing"
+
 
 @dataclass(frozen=True)
 class ClaimedTurn:
@@ -179,10 +181,8 @@ def _finish(
         completion_tokens=result.completion_tokens,
         finish_reason=result.finish_reason,
     )
-    with session_scope() as session:
-        status = lifecycle.end_claimed(session, claim, outcome)
+    status = _store_end(turn, outcome)
     if status is None:
-        log.info("no longer ours (deleted or re-claimed); stored nothing")
         return
     if status == JobStatus.succeeded:
         added = [
@@ -204,13 +204,20 @@ def _finish(
 
 def _finish_failed(runtime: Runtime, turn: ClaimedTurn, code: str, message: str) -> None:
     outcome = lifecycle.Outcome(JobStatus.failed, error_code=code, error_message=message)
-    with session_scope() as session:
-        status = lifecycle.end_claimed(session, turn.claim, outcome)
+    status = _store_end(turn, outcome)
     if status is None:
-        log.info("no longer ours (deleted or re-claimed); stored nothing")
         return
     log.warning("failed: %s", code)
     _ended(runtime, turn, status)
+
+
+def _store_end(turn: ClaimedTurn, outcome: lifecycle.Outcome) -> JobStatus | None:
+    """Store the turn's end; the status stored, or None when the claim lost the job."""
+    with session_scope() as session:
+        status = lifecycle.end_claimed(session, turn.claim, outcome)
+    if status is None:
+        log.info(_NOT_OURS)
+    return status
 
 
 def _retry(turn: ClaimedTurn) -> None:
@@ -219,7 +226,7 @@ def _retry(turn: ClaimedTurn) -> None:
         conversation = lifecycle.lock_conversation(session, turn.claim.conversation_id)
         job = lifecycle.owned_job(session, turn.claim) if conversation is not None else None
         if job is None:
-            log.info("no longer ours (deleted or re-claimed); stored nothing")
+            log.info(_NOT_OURS)
         elif job.cancel_requested:
             # A cancelled turn is not tried again: queued with the flag, no worker would
             # claim it and its conversation would wait behind it for ever.
