@@ -86,6 +86,7 @@ def test_worker_processes_are_pinned_and_do_not_oversubscribe(
 ) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     gpu = worker_spec("1", gpu_count=2)
     assert gpu.env["CUDA_VISIBLE_DEVICES"] == "1"
@@ -93,8 +94,11 @@ def test_worker_processes_are_pinned_and_do_not_oversubscribe(
     cpu = worker_spec(None, gpu_count=1)
     assert cpu.env["CUDA_VISIBLE_DEVICES"] == ""
     assert cpu.env["OMP_NUM_THREADS"] == "16"
-    # Its OpenMP threads sleep between parallel regions rather than spin on shared cores.
-    assert cpu.env["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_WAIT_POLICY" not in gpu.env
+    # Its OpenMP threads spin only briefly between parallel regions on shared cores, unless
+    # the operator chose their wait policy.
+    assert cpu.env["GOMP_SPINCOUNT"] == "3000" and "GOMP_SPINCOUNT" not in gpu.env
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "GOMP_SPINCOUNT" not in worker_spec(None, gpu_count=1).env
     assert "--concurrency" in cpu.command
 
 
