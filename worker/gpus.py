@@ -80,7 +80,7 @@ def worker_spec(gpu: str | None, *, gpu_count: int, name: str | None = None) -> 
         # that spin for libgomp's default (about 3 ms) after each parallel region took a core's
         # share from them (B2 28-30 turns/s against 34); threads that sleep at once
         # (OMP_WAIT_POLICY=PASSIVE) are woken at each of a forward pass's hundreds of regions
-        # (the engine alone on B3: 63-113 tokens/s against 116-144 with the default). A spin
+        # (the engine alone on B3: 63-113 tokens/s against 130-144 with the default). A spin
         # of tens of microseconds spans the gaps inside a pass and sleeps between passes: in
         # alternating runs, B2 medians 33.5 turns/s against 34.5 sleeping, B3 109 tokens/s
         # against 95.
