@@ -30,6 +30,9 @@ from worker.inference.prefix_cache import Layers
 
 # Columns zeroed at a time as turns grow (see SlotCache._clean).
 _ZERO_COLUMNS = 64
+# A kept prefix's buffers get a quarter more room than its tokens, plus this many
+# columns more, for its conversation's next turns (see SlotCache.row_prefix).
+_MIN_ROOM_TO_GROW = 64
 
 
 class SlotCache:
@@ -153,7 +156,7 @@ class SlotCache:
         length = self.lengths[slot]
         buffers = _whole(reuse, length) if reuse is not None else None
         if buffers is None:
-            room = min(self.capacity, length + length // 4 + _ZERO_COLUMNS)
+            room = min(self.capacity, length + length // 4 + _MIN_ROOM_TO_GROW)
             buffers = [
                 (
                     k.new_empty((1, k.shape[1], room, k.shape[3])),
